@@ -1,0 +1,45 @@
+# One-command entry points. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_SYS ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+
+.PHONY: help setup repro test mlflow-ui lock clean-venv
+
+help: ## List every target with one line each
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## Create .venv (Python 3.11) with the pinned dependencies (re-runs only when the lock changes)
+
+$(STAMP): requirements.lock
+	@command -v $(PYTHON_SYS) >/dev/null || { echo "error: $(PYTHON_SYS) not found (Python 3.11 is required)"; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON_SYS) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	# torch first and alone, so pip takes the local CPU wheel instead of a multi-GB CUDA build.
+	$(VENV)/bin/python -m pip install --quiet $$(grep -E '^torch==' requirements.lock)
+	$(VENV)/bin/python -m pip install --quiet -r requirements.lock
+	touch $@
+
+repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults
+	PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro
+
+test: $(STAMP) ## Run the test suite
+	python -m pytest
+
+mlflow-ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(MLFLOW_PORT)
+	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+
+lock: ## Re-pin requirements.lock from the current .venv (after adding a dependency)
+	{ echo "# Exact versions installed by \`make setup\` (pip freeze of a working .venv). Regenerate: make lock"; \
+	  pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > requirements.lock; touch $(STAMP)
+
+clean-venv: ## Remove .venv (the next target re-creates it)
+	rm -rf $(VENV)

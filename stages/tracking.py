@@ -1,0 +1,90 @@
+"""MLflow tracking shared by every stage: params, metrics and small artifacts into one experiment.
+
+The store is `MLFLOW_TRACKING_URI` (the Makefile exports `sqlite:///mlflow.db` at the repo root); stages run
+by plain `dvc repro` fall back to the same file. Each stage run is a child of one "pipeline" parent run, so
+the stages of one `dvc repro` (or one `dvc exp run`) group together in the UI. The parent is keyed by
+`PIPELINE_RUN_ID` when set (the Makefile sets one per `make repro`), else by git commit + params.yaml hash.
+Runs are tagged with the git commit, the dvc.lock hash, the DVC stage and `DVC_EXP_NAME`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+from stages.config import flatten
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+EXPERIMENT = "alpaca-lora-cpu"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _file_hash(path: str) -> str:
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.exists() else "none"
+
+
+def run_tags(stage: str) -> dict[str, str]:
+    commit = _git_commit()
+    pipeline = os.environ.get("PIPELINE_RUN_ID") or f"{commit[:12]}-{_file_hash('params.yaml')}"
+    if os.environ.get("DVC_EXP_NAME"):
+        pipeline = f"{os.environ['DVC_EXP_NAME']}-{pipeline}"
+    return {
+        "git_commit": commit,
+        "dvc_lock": _file_hash("dvc.lock"),
+        "dvc_stage": stage,
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "pipeline_run": pipeline,
+    }
+
+
+def _parent_run(client: Any, experiment_id: str, tags: dict[str, str]) -> str:
+    """Get or create the pipeline's parent run (finished at once; it only groups its children)."""
+    key = tags["pipeline_run"]
+    found = client.search_runs(
+        [experiment_id], f"tags.pipeline_run = '{key}' and tags.kind = 'pipeline'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"pipeline {key}", tags={**tags, "kind": "pipeline"})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict, run_name: str | None = None) -> Iterator[Any]:
+    """Open an MLflow run for `stage`, log its params, and yield the `mlflow` module for metrics/artifacts."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
+    tags = run_tags(stage)
+    parent = _parent_run(MlflowClient(), experiment.experiment_id, tags)
+    tags = {**tags, "kind": "stage", "mlflow.parentRunId": parent}
+    # A run left active by an earlier crash in this process would make start_run fail ("Run already active").
+    while mlflow.active_run():
+        mlflow.end_run("KILLED")
+    with mlflow.start_run(run_name=run_name or stage, tags=tags):
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+        yield mlflow
+
+
+def log_metrics(mlflow: Any, metrics: dict, prefix: str = "") -> None:
+    """Log the numeric leaves of a metrics dict (the metrics JSON stays the source of truth)."""
+    numeric = {k: float(v) for k, v in flatten(metrics, prefix).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+        mlflow.log_metrics(numeric)

@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny random LLaMA (real tokenizer of the embedded model) and a temp copy of the repo."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# What a copy of the repo needs; outputs, caches and the venv stay behind.
+COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "models", "prepared", "mlflow.db", "mlruns", "mlartifacts",
+                                     "__pycache__", ".pytest_cache", "*.tmp", "cache", "tmp")
+
+
+def write_records(path: Path, records: list) -> Path:
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def make_records(n: int, with_input_every: int = 3) -> list[dict]:
+    """Synthetic, unique Alpaca-format records (tests never use the shared Alpaca slice)."""
+    return [
+        {"instruction": f"Add {i} and {i + 1}.",
+         "input": f"numbers: {i}, {i + 1}" if i % with_input_every == 0 else "",
+         "output": f"The sum of {i} and {i + 1} is {2 * i + 1}."}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def records():
+    return make_records
+
+
+def run_module(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 900):
+    """Run `python -m module args` as a user would; returns CompletedProcess (text)."""
+    full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """A copy of the working tree (no outputs) turned into its own git repo, as DVC needs."""
+    dst = tmp_path / "repo"
+    shutil.copytree(ROOT, dst, ignore=COPY_IGNORE)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dst, check=True, env=env)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def builtin_tokenizer_dir(tmp_path_factory) -> Path:
+    """The embedded model's tokenizer, saved once as a normal HF tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    from stages.base import resolve
+
+    src = Path(resolve("builtin:smollm2-135m-instruct").ref)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, builtin_tokenizer_dir) -> Path:
+    """A tiny random LlamaForCausalLM (2 layers, GQA 4q/2kv heads) with the real SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(builtin_tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
