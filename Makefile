@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 
-.PHONY: help setup repro test mlflow-ui lock clean-venv
+.PHONY: help setup repro test mlflow-ui mlflow-server lock clean-venv
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -36,6 +36,10 @@ test: $(STAMP) ## Run the test suite
 
 mlflow-ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(MLFLOW_PORT)
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+
+mlflow-server: $(STAMP) ## MLflow tracking server (SQLite + ./mlartifacts) on 127.0.0.1:$(MLFLOW_PORT); point stages at it with MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
+	mlflow server --backend-store-uri sqlite:///mlflow-server.db --artifacts-destination ./mlartifacts \
+	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 lock: ## Re-pin requirements.lock from the current .venv (after adding a dependency)
 	{ echo "# Exact versions installed by \`make setup\` (pip freeze of a working .venv). Regenerate: make lock"; \

@@ -58,7 +58,8 @@ def _parent_run(client: Any, experiment_id: str, tags: dict[str, str]) -> str:
     )
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"pipeline {key}", tags={**tags, "kind": "pipeline"})
+    shared = {k: v for k, v in tags.items() if k != "dvc_stage"}
+    run = client.create_run(experiment_id, run_name=f"pipeline {key}", tags={**shared, "kind": "pipeline"})
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 

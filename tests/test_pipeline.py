@@ -52,3 +52,19 @@ def test_mlflow_records_stage_runs_grouped(repo_copy):
     assert prep.data.params["data.fraction"] == "0.01"
     assert prep.data.tags["source_used"] == "data/sample/alpaca_sample.json"
     assert len(prep.data.tags["git_commit"]) >= 40
+
+
+def test_dvc_experiment_shows_in_dvc_and_mlflow(repo_copy):
+    dvc(repo_copy, "exp", "run", "prepare", "-S", "data.seed=7", "--name", "seed7")
+    shown = dvc(repo_copy, "exp", "show", "--json").stdout
+    assert "seed7" in shown and '"seed": 7' in shown.replace("\n", " ").replace("  ", " ")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo_copy}/mlflow.db")
+    exp = client.get_experiment_by_name("alpaca-lora-cpu")
+    runs = client.search_runs([exp.experiment_id], "tags.dvc_exp_name = 'seed7' and tags.kind = 'stage'")
+    assert len(runs) == 1
+    tags = runs[0].data.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_copy, capture_output=True, text=True).stdout
+    assert tags["git_commit"].startswith(head.strip()) and tags["dvc_lock"]
+    assert runs[0].data.params["data.seed"] == "7"
