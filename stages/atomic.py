@@ -30,6 +30,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path for a file or folder; move it onto `path` only if the block succeeds."""
     target = Path(path)
     _check_writable(target.parent)
+    # Staging copies left by a killed run are garbage (DVC's lock rules out a concurrent writer): clear them.
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     staged = tmp / target.name
     try:

@@ -65,15 +65,35 @@ def _parent_run(client: Any, experiment_id: str, tags: dict[str, str]) -> str:
 
 
 @contextlib.contextmanager
+def _store_init_lock(uri: str) -> Iterator[None]:
+    """Serialise creating/migrating a SQLite store: two stages run in parallel (two `dvc repro` of disjoint
+    stages, or `dvc exp run --jobs`) would otherwise race through MLflow's schema migrations and crash."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def stage_run(stage: str, params: dict, run_name: str | None = None) -> Iterator[Any]:
     """Open an MLflow run for `stage`, log its params, and yield the `mlflow` module for metrics/artifacts."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
-    experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    mlflow.set_tracking_uri(uri)
     tags = run_tags(stage)
-    parent = _parent_run(MlflowClient(), experiment.experiment_id, tags)
+    with _store_init_lock(uri):
+        experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
+        parent = _parent_run(MlflowClient(), experiment.experiment_id, tags)
     tags = {**tags, "kind": "stage", "mlflow.parentRunId": parent}
     # A run left active by an earlier crash in this process would make start_run fail ("Run already active").
     while mlflow.active_run():
