@@ -16,20 +16,27 @@ from typing import Any, Iterator
 from stages.errors import StageError
 
 
-def _check_writable(parent: Path) -> None:
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StageError(f"cannot create output folder {parent}: {exc.strerror}") from exc
-    if not os.access(parent, os.W_OK):
-        raise StageError(f"output folder {parent} is not writable")
+def ensure_writable(*outputs: str | os.PathLike) -> None:
+    """Fail before any work if an output's folder could not be created or written; creates nothing."""
+    for out in outputs:
+        parent = Path(out).absolute().parent
+        existing = next(p for p in (parent, *parent.parents) if p.exists())
+        if not existing.is_dir():
+            raise StageError(f"cannot create output folder {parent}: {existing} is not a folder")
+        if not os.access(existing, os.W_OK):
+            raise StageError(f"output folder {existing} is not writable")
+
+
+def _make_parent(parent: Path) -> None:
+    ensure_writable(parent / "_")
+    parent.mkdir(parents=True, exist_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path for a file or folder; move it onto `path` only if the block succeeds."""
     target = Path(path)
-    _check_writable(target.parent)
+    _make_parent(target.parent)
     # Staging copies left by a killed run are garbage (DVC's lock rules out a concurrent writer): clear them.
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)

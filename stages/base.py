@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from stages.atomic import atomic_path, sha256_files, write_json
+from stages.atomic import atomic_path, ensure_writable, sha256_files, write_json
 from stages.config import as_dict, load_section
 from stages.errors import StageError, cli
 from stages.hub import hub_reachable
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_section(BaseParams, "base", args.params)
+    ensure_writable(args.out, args.metrics)
+    check_architecture(resolve(params.model), params.trust_remote_code)  # fail before tracking opens
     from stages.tracking import log_metrics, stage_run
 
     with stage_run("base", {"base": as_dict(params)}) as mlflow:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from stages.atomic import atomic_path, sha256_file, write_json, write_jsonl
+from stages.atomic import atomic_path, ensure_writable, sha256_file, write_json, write_jsonl
 from stages.config import as_dict, load_section
 from stages.errors import StageError, cli
 from stages.hub import hub_reachable
@@ -173,12 +173,18 @@ def sample_split(records: list[dict], p: DataParams, take_all: bool) -> tuple[li
     return chosen[n_val:], chosen[:n_val]
 
 
-def run(params: DataParams, out_dir: Path) -> dict:
-    loaded = load_source(params.source)
-    records, dropped, first = validate(loaded.records, params.on_invalid)
+def clean(loaded: Loaded, on_invalid: str) -> tuple[list[dict], Counter]:
+    """Valid records and drop counts; an error when nothing valid is left."""
+    records, dropped, first = validate(loaded.records, on_invalid)
     if not records:
         raise StageError(f"data.source {loaded.source_used}: no valid Alpaca records left after validation "
                          f"(first problem: {first or 'the file is empty'})")
+    return records, dropped
+
+
+def run(params: DataParams, out_dir: Path, loaded: Loaded | None = None) -> dict:
+    loaded = loaded or load_source(params.source)
+    records, dropped = clean(loaded, params.on_invalid)
     train, val = sample_split(records, params, take_all=loaded.fallback)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -215,10 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_section(DataParams, "data", args.params)
+    ensure_writable(args.out, args.metrics)
+    loaded = load_source(params.source)
+    clean(loaded, params.on_invalid)  # bad records fail here, before tracking opens
     from stages.tracking import log_metrics, stage_run
 
     with stage_run("prepare", {"data": as_dict(params)}) as mlflow:
-        manifest = run(params, args.out)
+        manifest = run(params, args.out, loaded)
         metrics = metrics_of(manifest)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)
