@@ -508,12 +508,16 @@ def training_args(params: FinetuneParams, ckpt_dir: Path):
     )
 
 
-def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, mlflow: Any = None) -> dict | None:
-    """Train, save and check the adapter; metrics dict on rank 0, None on other ranks."""
+def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tuple[list, list],
+        mlflow: Any = None) -> dict | None:
+    """Train, save and check the adapter; metrics dict on rank 0, None on other ranks.
+
+    `splits` = preflight(params, paths), run by the caller before it opens tracking.
+    """
     started = time.time()
     rank, world_size = world()
     is_main = rank == 0
-    train_records, val_records = preflight(params, paths)
+    train_records, val_records = splits
     tokenizer = load_tokenizer(paths.base)
     train_set = encode_all(train_records, tokenizer, prompt.template, params.cutoff_len,
                            params.train_on_inputs, "train")
@@ -588,13 +592,14 @@ def main(argv: list[str] | None = None) -> None:
     params = load_section(FinetuneParams, "finetune", args.params)
     prompt = load_section(PromptParams, "prompt", args.params)
     paths = Paths(args.base, args.data, args.out, args.checkpoints, args.metrics, args.plots)
+    splits = preflight(params, paths)  # bad input stops here, before tracking and weights
     if world()[0] != 0:  # only rank 0 tracks and writes; the other ranks just train
-        run(params, prompt, paths)
+        run(params, prompt, paths, splits)
         return
     from stages.tracking import log_metrics, stage_run
 
     with stage_run("finetune", {"finetune": as_dict(params), "prompt": as_dict(prompt)}) as mlflow:
-        metrics = run(params, prompt, paths, mlflow)
+        metrics = run(params, prompt, paths, splits, mlflow)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)
         mlflow.log_artifacts(str(args.out), artifact_path="adapter")
