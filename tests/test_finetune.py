@@ -202,7 +202,7 @@ def test_tiny_run_writes_adapter_metrics_plots_and_mlflow(tmp_path, tiny_model_d
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd}/mlflow.db")
     exp = client.get_experiment_by_name("alpaca-lora-cpu")
-    (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("dvc_stage") == "finetune"]
+    (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kind") == "stage"]
     assert run.info.status == "FINISHED" and run.data.params["finetune.lora.r"] == "4"
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4
     assert client.get_metric_history(run.info.run_id, "learning_rate")
