@@ -79,7 +79,7 @@ def train_once(setup: Setup, params: FinetuneParams, base: Path, tokenizer, prom
 
     p = dataclasses.replace(params, group_by_length=setup.group_by_length, train_on_inputs=setup.train_on_inputs,
                             precision=setup.precision, max_steps=samples // params.batch_size,
-                            eval_steps=10**9, save_steps=10**9, warmup_steps=min(params.warmup_steps, 1))
+                            eval_steps=10**9, save_steps=10**9, warmup_steps=0)  # a warm-up would eat the few steps
     set_seed(p.seed)
     model = load_model(base, p)
     model.base_model.model.set_attn_implementation(setup.attention)
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     params = load_section(FinetuneParams, "finetune", args.params)
-    params = dataclasses.replace(params, batch_size=min(params.batch_size, args.samples))
+    # One optimizer step per micro-batch: a short run still moves the adapter, so the eval losses compare.
+    params = dataclasses.replace(params, batch_size=params.micro_batch_size)
     prompt = load_section(PromptParams, "prompt", args.params).template
     tokenizer = load_tokenizer(args.base)
     train = read_split(args.data / "train.jsonl")[: args.samples]
@@ -138,7 +139,6 @@ def main(argv: list[str] | None = None) -> None:
           f"({'no worse' if stage['eval_loss'] <= ref['eval_loss'] else 'WORSE'})", flush=True)
     if args.levers:
         half = args.lever_samples
-        params = dataclasses.replace(params, batch_size=min(params.batch_size, half))
         print(f"levers, each alone over the reference ({half} samples each):", flush=True)
         base_r = train_once(REFERENCE, params, args.base, tokenizer, prompt, train[:half], val_set, half, False)
         results.append(base_r)

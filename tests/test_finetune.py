@@ -266,3 +266,14 @@ def test_two_cpu_processes_under_accelerate(tmp_path, tiny_model_dir):
     m = json.loads((tmp_path / "finetune.json").read_text())
     assert m["processes"] == 2 and m["steps"] == 2
     assert_valid_adapter(tmp_path / "adapter", tiny_model_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_base_trains_a_valid_adapter(tmp_path, tiny_model_dir, quantization):
+    """QLoRA (nf4 + double quantization) and 8-bit run through bitsandbytes, on CPU too."""
+    cwd, args = setup_run(tmp_path, tiny_model_dir, n_train=8, quantization=quantization, max_steps=1,
+                          eval_steps=100)
+    proc = finetune(cwd, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_valid_adapter(tmp_path / "adapter", tiny_model_dir)
