@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 
-.PHONY: help setup repro test mlflow-ui mlflow-server lock clean-venv
+.PHONY: help setup repro test mlflow-ui mlflow-server lock clean-venv bench-finetune
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -33,6 +33,11 @@ repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults
 
 test: $(STAMP) ## Run the test suite
 	python -m pytest
+
+BENCH_SAMPLES ?= 16
+bench-finetune: $(STAMP) ## Benchmark the finetune stage vs alpaca-lora's loop on CPU (BENCH_SAMPLES=16)
+	dvc repro base prepare
+	python -m benchmarks.bench_finetune --samples $(BENCH_SAMPLES) --levers --json reports/bench-finetune.json
 
 mlflow-ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(MLFLOW_PORT)
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)

@@ -1,0 +1,157 @@
+"""bench-finetune: this stage's default training vs a reproduction of tloen/alpaca-lora's finetune.py loop, on CPU.
+
+Run: make bench-finetune   (or: python -m benchmarks.bench_finetune --base models/base --samples 32)
+
+Same base model (models/base), same records, same LoRA targets and hyperparameters (params.yaml `finetune`),
+same number of training samples. What differs is only the loop semantics:
+  reference  alpaca-lora: fp32, eager attention (transformers 4.28 had no SDPA), DataCollatorForSeq2Seq padding
+             (pad_to_multiple_of=8) of random batches, no length grouping, train_on_inputs true, full-vocab
+             logits at every position (the model's own loss)
+  stage      this stage's default params: length-grouped batches, SDPA, loss and logits on response tokens only
+Printed: non-pad training tokens/s of each, the ratio, and each one's loss on the validation responses after
+the same samples (the stage's eval, identical for both). `--levers` adds a short throughput run per lever,
+each switched on alone over the reference. Records come from data/prepared/train.jsonl and val.jsonl
+(read-only); other processes sharing the CPU move the numbers, so the load average is printed too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from stages.config import load_section
+from stages.finetune import (FinetuneParams, encode_all, evaluate_responses, load_model, load_tokenizer,
+                             make_collator, read_split, trainer_class, training_args)
+from stages.prompts import PromptParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    name: str
+    group_by_length: bool
+    train_on_inputs: bool
+    response_logits: bool
+    attention: str  # eager | sdpa
+    precision: str = "fp32"
+    pad_to_multiple_of: int | None = None
+
+
+REFERENCE = Setup("reference (alpaca-lora loop)", False, True, False, "eager", "fp32", 8)
+
+
+def stage_setup(p: FinetuneParams) -> Setup:
+    return Setup("stage defaults", p.group_by_length, p.train_on_inputs, True, "sdpa", p.precision, None)
+
+
+LEVERS = [
+    dataclasses.replace(REFERENCE, name="+ length grouping", group_by_length=True),
+    dataclasses.replace(REFERENCE, name="+ no pad_to_multiple_of=8", pad_to_multiple_of=None),
+    dataclasses.replace(REFERENCE, name="+ SDPA attention", attention="sdpa"),
+    dataclasses.replace(REFERENCE, name="+ response-only loss/logits", train_on_inputs=False, response_logits=True),
+    dataclasses.replace(REFERENCE, name="+ bf16 autocast", precision="bf16"),
+]
+
+
+def reference_trainer():
+    """The plain Trainer loss (full logits, the model's own masked loss), counting non-pad tokens."""
+    from transformers import Trainer
+
+    class Reference(Trainer):
+        train_tokens = 0
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training:
+                self.train_tokens += int(inputs["attention_mask"].sum())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return Reference
+
+
+def train_once(setup: Setup, params: FinetuneParams, base: Path, tokenizer, prompt: str, train: list,
+               val_set: list, samples: int, evaluate: bool) -> dict:
+    import torch
+    from transformers import set_seed
+
+    p = dataclasses.replace(params, group_by_length=setup.group_by_length, train_on_inputs=setup.train_on_inputs,
+                            precision=setup.precision, max_steps=samples // params.batch_size,
+                            eval_steps=10**9, save_steps=10**9, warmup_steps=0)  # a warm-up would eat the few steps
+    set_seed(p.seed)
+    model = load_model(base, p)
+    model.base_model.model.set_attn_implementation(setup.attention)
+    train_set = encode_all(train, tokenizer, prompt, p.cutoff_len, p.train_on_inputs, "train")
+    out = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
+    try:
+        args = training_args(p, out)
+        args.eval_strategy = args.save_strategy = "no"
+        args.disable_tqdm = True
+        cls = trainer_class() if setup.response_logits else reference_trainer()
+        trainer = cls(model=model, args=args, train_dataset=train_set,
+                      data_collator=make_collator(tokenizer, setup.pad_to_multiple_of), processing_class=tokenizer)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    result = {"setup": setup.name, "tokens": trainer.train_tokens, "seconds": seconds,
+              "tokens_per_s": trainer.train_tokens / seconds, "samples": trainer.state.global_step * p.batch_size,
+              "threads": torch.get_num_threads()}
+    if evaluate:
+        result.update(evaluate_responses(model, val_set, make_collator(tokenizer), p.micro_batch_size))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--base", type=Path, default=Path("models/base"))
+    ap.add_argument("--data", type=Path, default=Path("data/prepared"))
+    ap.add_argument("--samples", type=int, default=32, help="training samples per run (a multiple of batch_size)")
+    ap.add_argument("--val", type=int, default=18, help="validation records for the eval loss")
+    ap.add_argument("--levers", action="store_true", help="also time each lever alone")
+    ap.add_argument("--lever-samples", type=int, default=8, help="training samples per lever run")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    params = load_section(FinetuneParams, "finetune", args.params)
+    # One optimizer step per micro-batch: a short run still moves the adapter, so the eval losses compare.
+    params = dataclasses.replace(params, batch_size=params.micro_batch_size)
+    prompt = load_section(PromptParams, "prompt", args.params).template
+    tokenizer = load_tokenizer(args.base)
+    train = read_split(args.data / "train.jsonl")[: args.samples]
+    val_set = encode_all(read_split(args.data / "val.jsonl")[: args.val], tokenizer, prompt, params.cutoff_len,
+                         False, "val")
+    print(f"bench-finetune: {args.base}, {len(train)} training samples, {len(val_set)} val records, "
+          f"batch {params.batch_size}/{params.micro_batch_size}, targets {params.lora.target_modules}, "
+          f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    results = []
+    for setup in (REFERENCE, stage_setup(params)):
+        r = train_once(setup, params, args.base, tokenizer, prompt, train, val_set, args.samples, evaluate=True)
+        results.append(r)
+        print(f"  {r['setup']:<32} {r['tokens_per_s']:8.1f} non-pad tokens/s  ({r['tokens']} tokens in "
+              f"{r['seconds']:.0f} s)  eval loss {r['eval_loss']:.4f}", flush=True)
+    ref, stage = results
+    print(f"ratio stage/reference: {stage['tokens_per_s'] / ref['tokens_per_s']:.2f}x  "
+          f"(target >= 2.0); eval loss {stage['eval_loss']:.4f} vs {ref['eval_loss']:.4f} "
+          f"({'no worse' if stage['eval_loss'] <= ref['eval_loss'] else 'WORSE'})", flush=True)
+    if args.levers:
+        half = args.lever_samples
+        print(f"levers, each alone over the reference ({half} samples each):", flush=True)
+        base_r = train_once(REFERENCE, params, args.base, tokenizer, prompt, train[:half], val_set, half, False)
+        results.append(base_r)
+        print(f"  {'reference':<32} {base_r['tokens_per_s']:8.1f} tokens/s", flush=True)
+        for lever in LEVERS:
+            r = train_once(lever, params, args.base, tokenizer, prompt, train[:half], val_set, half, False)
+            results.append(r)
+            print(f"  {lever.name:<32} {r['tokens_per_s']:8.1f} tokens/s  "
+                  f"({r['tokens_per_s'] / base_r['tokens_per_s']:.2f}x)", flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
