@@ -16,7 +16,8 @@ from typing import Any, Iterator
 from stages.errors import StageError
 
 
-def _check_writable(parent: Path) -> None:
+def check_writable(parent: Path) -> None:
+    """Create `parent` if needed and fail with one line when it cannot be written (call before heavy work)."""
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -29,7 +30,7 @@ def _check_writable(parent: Path) -> None:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path for a file or folder; move it onto `path` only if the block succeeds."""
     target = Path(path)
-    _check_writable(target.parent)
+    check_writable(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     staged = tmp / target.name
     try:
