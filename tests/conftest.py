@@ -115,3 +115,23 @@ def tiny_gguf(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny_gguf") / "tiny-f16.gguf"
     convert_hf(tiny_model_dir, out, "f16")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter with non-zero B on `tiny_model_dir`."""
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def tiny_merged(tmp_path_factory, tiny_model_dir, tiny_adapter) -> tuple[Path, dict]:
+    """(merged folder, merge metrics): the tiny model merged with `tiny_adapter` by the merge stage's `run`."""
+    from stages.merge import ExportParams, run
+    from stages.prompts import PromptParams
+
+    root = tmp_path_factory.mktemp("merged")
+    params = ExportParams(dtype="fp32", max_shard_size="2MB", consolidated=True, gate_prompts=3,
+                          gate_max_tokens=64, max_logit_diff=1e-3)
+    metrics = run(params, PromptParams(template="alpaca"), tiny_model_dir, tiny_adapter,
+                  write_val(root / "val.jsonl"), root / "merged")
+    return root / "merged", metrics
