@@ -23,10 +23,11 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from stages.atomic import atomic_path, check_writable, write_json
+from stages.atomic import atomic_path, check_writable
 from stages.config import as_dict, load_section
 from stages.errors import StageError, cli
-from stages.merge import ExportParams, GateFailure
+from stages.merge import ExportParams
+from stages.parity import GateFailure, run_gated
 from stages.prompts import PromptParams
 
 log = logging.getLogger("consolidate")
@@ -180,17 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     params = load_section(ExportParams, "export", args.params)
     prompt = load_section(PromptParams, "prompt", args.params)
     check_writable(args.metrics.parent)
-    from stages.tracking import log_metrics, stage_run
+    from stages.tracking import stage_run
 
     with stage_run("consolidate", {"export": as_dict(params), "prompt": as_dict(prompt)}) as mlflow:
-        try:
-            metrics = run(params, prompt, args.merged, args.val, args.out)
-        except GateFailure as exc:
-            write_json(args.metrics, exc.metrics)
-            log_metrics(mlflow, exc.metrics)
-            raise
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, metrics)
+        metrics = run_gated(mlflow, args.metrics, lambda: run(params, prompt, args.merged, args.val, args.out))
     log.info("consolidate: %s", "skipped" if metrics["skipped"] else
              f"round-trip max |Δlogit| {metrics['roundtrip']['max_abs_logit_diff']:.2e} → {args.out}")
 

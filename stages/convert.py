@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from stages.atomic import atomic_path, check_writable, write_json
+from stages.atomic import atomic_path, check_writable
 from stages.config import as_dict, load_section
 from stages.errors import StageError, cli
-from stages.merge import GateFailure, model_files
+from stages.merge import model_files
+from stages.parity import GateFailure, check_gate_sizes, run_gated
 from stages.prompts import PromptParams
 
 log = logging.getLogger("convert")
@@ -43,10 +44,7 @@ class ConvertParams:
     min_top1_agreement: float
 
     def __post_init__(self) -> None:
-        if self.gate_prompts < 1:
-            raise ValueError(f"convert.gate_prompts must be >= 1, got {self.gate_prompts}")
-        if self.gate_max_tokens < 8:
-            raise ValueError(f"convert.gate_max_tokens must be >= 8, got {self.gate_max_tokens}")
+        check_gate_sizes("convert", self.gate_prompts, self.gate_max_tokens)
         if not 0 < self.min_top1_agreement <= 1:
             raise ValueError(f"convert.min_top1_agreement must be in (0, 1], got {self.min_top1_agreement}")
 
@@ -150,18 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     params = load_section(ConvertParams, "convert", args.params)
     prompt = load_section(PromptParams, "prompt", args.params)
     check_writable(args.metrics.parent)
-    from stages.tracking import log_metrics, stage_run
+    from stages.tracking import stage_run
 
     with stage_run("convert", {"convert": as_dict(params), "prompt": as_dict(prompt)},
                    run_name=f"convert@{args.source}") as mlflow:
-        try:
-            metrics = run(params, prompt, args.model, args.val, args.out)
-        except GateFailure as exc:
-            write_json(args.metrics, exc.metrics)
-            log_metrics(mlflow, exc.metrics)
-            raise
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, metrics)
+        metrics = run_gated(mlflow, args.metrics, lambda: run(params, prompt, args.model, args.val, args.out))
     log.info("%s → %s (%s, %.1f MiB): top-1 agreement %.4f, mean |Δ log-prob| %.4f", args.model, args.out,
              params.outtype, metrics["file_bytes"] / 2**20, metrics["logits"]["top1_agreement"],
              metrics["logits"]["mean_abs_logprob_diff"])

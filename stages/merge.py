@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from stages.atomic import check_writable, sha256_files, write_json
+from stages.atomic import check_writable, sha256_files
 from stages.config import as_dict, load_section
 from stages.errors import StageError, cli
+from stages.parity import GateFailure, check_gate_sizes, run_gated
 from stages.prompts import PromptParams
 
 log = logging.getLogger("merge")
@@ -44,10 +45,7 @@ class ExportParams:
     max_logit_diff: float
 
     def __post_init__(self) -> None:
-        if self.gate_prompts < 1:
-            raise ValueError(f"export.gate_prompts must be >= 1, got {self.gate_prompts}")
-        if self.gate_max_tokens < 8:
-            raise ValueError(f"export.gate_max_tokens must be >= 8, got {self.gate_max_tokens}")
+        check_gate_sizes("export", self.gate_prompts, self.gate_max_tokens)
         if not self.max_logit_diff > 0:
             raise ValueError(f"export.max_logit_diff must be > 0, got {self.max_logit_diff}")
 
@@ -185,14 +183,6 @@ def run(params: ExportParams, prompt: PromptParams, base: Path, adapter: Path, v
     return metrics
 
 
-class GateFailure(StageError):
-    """A broken gate: the metrics (with the failure) are still written, the output is not."""
-
-    def __init__(self, metrics: dict, message: str):
-        super().__init__(message)
-        self.metrics = metrics
-
-
 def _gate_message(m: dict, p: ExportParams) -> str:
     if not m["gates"]["weights_changed"]:
         which = m["unchanged_targets"][0] if m["unchanged_targets"] else "any tensor"
@@ -215,17 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     params = load_section(ExportParams, "export", args.params)
     prompt = load_section(PromptParams, "prompt", args.params)
     check_writable(args.metrics.parent)
-    from stages.tracking import log_metrics, stage_run
+    from stages.tracking import stage_run
 
     with stage_run("merge", {"export": as_dict(params), "prompt": as_dict(prompt)}) as mlflow:
-        try:
-            metrics = run(params, prompt, args.base, args.adapter, args.val, args.out)
-        except GateFailure as exc:
-            write_json(args.metrics, exc.metrics)
-            log_metrics(mlflow, exc.metrics)
-            raise
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, metrics)
+        metrics = run_gated(mlflow, args.metrics,
+                            lambda: run(params, prompt, args.base, args.adapter, args.val, args.out))
     log.info("merged %d modules; max |Δlogit| %.2e over %d positions → %s", metrics["adapter_targets"],
              metrics["logits"]["max_abs_logit_diff"], metrics["logits"]["positions"], args.out)
 

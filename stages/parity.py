@@ -7,12 +7,44 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from stages.errors import StageError
 from stages.prompts import render_record
+
+
+class GateFailure(StageError):
+    """A broken gate: the metrics (with the failure) are still written, the stage's output is not."""
+
+    def __init__(self, metrics: dict, message: str):
+        super().__init__(message)
+        self.metrics = metrics
+
+
+def check_gate_sizes(section: str, gate_prompts: int, gate_max_tokens: int) -> None:
+    """Range checks shared by the `export` and `convert` params (ValueError naming the full key)."""
+    if gate_prompts < 1:
+        raise ValueError(f"{section}.gate_prompts must be >= 1, got {gate_prompts}")
+    if gate_max_tokens < 8:
+        raise ValueError(f"{section}.gate_max_tokens must be >= 8, got {gate_max_tokens}")
+
+
+def run_gated(mlflow: Any, metrics_path: Path, work: Callable[[], dict]) -> dict:
+    """Run a gated stage's work; its metrics JSON (and MLflow) get the result, or the failed gates."""
+    from stages.atomic import write_json
+    from stages.tracking import log_metrics
+
+    try:
+        metrics = work()
+    except GateFailure as exc:
+        write_json(metrics_path, exc.metrics)
+        log_metrics(mlflow, exc.metrics)
+        raise
+    write_json(metrics_path, metrics)
+    log_metrics(mlflow, metrics)
+    return metrics
 
 
 def gate_texts(val_path: str | Path, n: int, template: str, tokenizer: Any = None) -> list[str]:

@@ -10,7 +10,8 @@ from conftest import write_val
 from test_merge import PARAMS, PROMPT
 
 from stages.consolidate import SKIP_MARKER, WEIGHTS, run, to_hf, to_meta
-from stages.merge import ExportParams, GateFailure
+from stages.merge import ExportParams
+from stages.parity import GateFailure
 
 
 def test_inverse_permutation_matches_llama_cpp_and_round_trips():

@@ -8,7 +8,8 @@ import pytest
 from conftest import make_adapter, run_module, write_val
 
 from stages.errors import StageError
-from stages.merge import ExportParams, GateFailure, check_adapter_fits, run
+from stages.merge import ExportParams, check_adapter_fits, run
+from stages.parity import GateFailure
 from stages.prompts import PromptParams
 
 PARAMS = ExportParams(dtype="fp32", max_shard_size="2MB", consolidated=True, gate_prompts=3, gate_max_tokens=64,
