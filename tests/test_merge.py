@@ -86,3 +86,22 @@ def test_cli_bad_adapter_is_one_line(tmp_path, tiny_model_dir):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: adapter folder")
     assert not (tmp_path / "merged").exists()
+
+
+def test_params_yaml_export_sections_load():
+    import yaml
+    from conftest import ROOT
+
+    from stages.config import load_section
+    from stages.convert import ConvertParams
+    from stages.generate import GenerateParams
+    from stages.quantize import valid_types
+
+    params = ROOT / "params.yaml"
+    assert load_section(ExportParams, "export", params).dtype in ("fp32", "bf16", "fp16")
+    assert load_section(ConvertParams, "convert", params).min_top1_agreement == 0.99
+    assert load_section(GenerateParams, "generate", params).n_ctx >= 64
+    types = yaml.safe_load(params.read_text())["quantize"]["types"]
+    assert types and set(types) <= set(valid_types())
+    with pytest.raises(ValueError, match="export.gate_prompts"):
+        ExportParams("fp32", "1GB", True, 0, 64, 1e-3)
