@@ -73,7 +73,8 @@ def meta_params(cfg: Any) -> dict:
     bad = [k for k, v in params.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
     if bad:
         raise StageError(f"config of the merged model: {bad[0]} is {params[bad[0]]!r} (must be a positive number)")
-    if cfg.hidden_size // cfg.num_attention_heads != getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads):
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    if (getattr(cfg, "head_dim", None) or head_dim) != head_dim:
         raise StageError("config of the merged model: head_dim != dim / n_heads is not expressible in params.json")
     return params
 

@@ -79,8 +79,8 @@ def gguf_gates(gguf_path: Path, model_dir: Path, texts: list[str], params: Conve
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.gguf_io import all_logits, check_gguf, open_llama, tensor_infos, tokenize, type_counts
-    from stages.gguf_io import bits_per_weight
+    from stages.gguf_io import (all_logits, bits_per_weight, check_gguf, open_llama, tensor_infos, tokenize,
+                                type_counts)
     from stages.parity import compare, hf_logits
 
     reader = check_gguf(gguf_path)

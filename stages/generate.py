@@ -46,8 +46,9 @@ def check_model(path: Path) -> None:
     from stages.gguf_io import check_gguf
 
     if not path.exists():
-        raise StageError(f"{path} not found: build it with `make repro` (quantize.types lists the levels built), "
-                         f"or pick QUANT= from {', '.join(sorted(p.stem.removeprefix('model-') for p in path.parent.glob('model-*.gguf'))) or 'nothing built yet'}")
+        built = sorted(p.stem.removeprefix("model-") for p in path.parent.glob("model-*.gguf"))
+        raise StageError(f"{path} not found: build it with `make repro` (quantize.types lists the levels), "
+                         f"or pick QUANT= from: {', '.join(built) or 'nothing built yet'}")
     check_gguf(path)
 
 
