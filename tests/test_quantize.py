@@ -82,3 +82,11 @@ def test_each_type_is_its_own_dvc_stage(repo_copy, tiny_gguf):
     # ...while a param it does use still invalidates it (the status check above is not vacuous).
     params.write_text(params.read_text().replace("template: alpaca", "template: chat"))
     assert "changed" in dvc("status", "quantize@q4_0")
+
+
+def test_unwritable_output_folder_stops_before_quantizing(tmp_path, tiny_gguf):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(StageError, match="cannot create output folder"):
+        run("q4_0", ALPACA, tiny_gguf, blocker / "model-q4_0.gguf", tmp_path / "m.Modelfile")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]
