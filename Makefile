@@ -12,7 +12,16 @@ export TOKENIZERS_PARALLELISM := false
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 
-.PHONY: help setup repro test mlflow-ui mlflow-server lock clean-venv bench-finetune
+.PHONY: help setup repro test mlflow-ui mlflow-server lock clean-venv bench-finetune generate generate-all chat serve
+
+# make generate / chat / serve: which GGUF (models/gguf/model-$(QUANT).gguf; QUANT=f16 is the reference)
+QUANT ?= q4_0
+N ?= 128
+PROMPT ?= Building a website can be done in 10 simple steps:
+RAW ?=
+PORT ?= 8000
+export PROMPT
+GGUF = models/gguf/model-$(QUANT).gguf
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -38,6 +47,19 @@ BENCH_SAMPLES ?= 16
 bench-finetune: $(STAMP) ## Benchmark the finetune stage vs alpaca-lora's loop on CPU (BENCH_SAMPLES=16)
 	dvc repro base prepare
 	python -m benchmarks.bench_finetune --samples $(BENCH_SAMPLES) --levers --json reports/bench-finetune.json
+
+generate: $(STAMP) ## Complete PROMPT with models/gguf/model-$(QUANT).gguf, N tokens (Alpaca template unless RAW=1)
+	python -m stages.generate --model $(GGUF) -n $(N) --prompt "$$PROMPT" $(if $(RAW),--raw)
+
+generate-all: $(STAMP) ## make generate for every GGUF in models/gguf/ (reference and each quantization)
+	@for f in models/gguf/model-*.gguf; do q=$${f#models/gguf/model-}; q=$${q%.gguf}; echo "== $$q"; \
+	  python -m stages.generate --model $$f -n $(N) --prompt "$$PROMPT" $(if $(RAW),--raw) || exit $$?; done
+
+chat: $(STAMP) ## Interactive REPL on models/gguf/model-$(QUANT).gguf, streaming tokens (empty line quits)
+	python -m stages.generate --model $(GGUF) -n $(N) --chat $(if $(RAW),--raw)
+
+serve: $(STAMP) ## OpenAI-compatible server for models/gguf/model-$(QUANT).gguf on 127.0.0.1:$(PORT)
+	python -m stages.serve --model $(GGUF) --port $(PORT)
 
 mlflow-ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(MLFLOW_PORT)
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)

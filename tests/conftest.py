@@ -85,3 +85,53 @@ def tiny_model_dir(tmp_path_factory, builtin_tokenizer_dir) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def write_val(path: Path, n: int = 4) -> Path:
+    """A small validation JSONL in the prepared format (synthetic records)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_records(n)), encoding="utf-8")
+    return path
+
+
+def make_adapter(model_dir: Path, out: Path, trained: bool = True, r: int = 4) -> Path:
+    """A PEFT LoRA adapter on `model_dir`; trained=False leaves B at zero (a no-op adapter)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        init_lora_weights=not trained, task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_model_dir) -> Path:
+    """`tiny_model_dir` converted to an f16 GGUF by llama.cpp's converter (session-scoped, shared)."""
+    from stages.convert import convert_hf
+
+    out = tmp_path_factory.mktemp("tiny_gguf") / "tiny-f16.gguf"
+    convert_hf(tiny_model_dir, out, "f16")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter with non-zero B on `tiny_model_dir`."""
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def tiny_merged(tmp_path_factory, tiny_model_dir, tiny_adapter) -> tuple[Path, dict]:
+    """(merged folder, merge metrics): the tiny model merged with `tiny_adapter` by the merge stage's `run`."""
+    from stages.merge import ExportParams, run
+    from stages.prompts import PromptParams
+
+    root = tmp_path_factory.mktemp("merged")
+    params = ExportParams(dtype="fp32", max_shard_size="2MB", consolidated=True, gate_prompts=3,
+                          gate_max_tokens=64, max_logit_diff=1e-3)
+    metrics = run(params, PromptParams(template="alpaca"), tiny_model_dir, tiny_adapter,
+                  write_val(root / "val.jsonl"), root / "merged")
+    return root / "merged", metrics

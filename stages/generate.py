@@ -1,0 +1,125 @@
+"""generate / chat: run a GGUF on the CPU with llama-cpp-python (the tutorial's `./main -m … -n 128 -p …`).
+
+Run:
+    python -m stages.generate --model models/gguf/model-q4_0.gguf -n 128 \
+        --prompt "Building a website can be done in 10 simple steps:"        # one completion (make generate)
+    python -m stages.generate --model models/gguf/model-q4_k_m.gguf --chat  # REPL streaming tokens (make chat)
+
+The prompt is wrapped in the training template (`prompt.template`, Alpaca by default) unless `--raw`.
+Sampling comes from the `generate` section of params.yaml (temperature 0 = greedy). Chat turns are
+independent instructions: the Alpaca format the model was tuned on is single-turn.
+A missing, truncated or non-GGUF model file stops with one `error:` line before llama.cpp touches it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from stages.config import load_section
+from stages.errors import StageError, cli
+from stages.prompts import PromptParams, render
+
+STOPS = ["### Instruction:", "### Input:"]
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    n_ctx: int
+    temperature: float
+    top_p: float
+    repeat_penalty: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 64:
+            raise ValueError(f"generate.n_ctx must be >= 64, got {self.n_ctx}")
+        if self.temperature < 0:
+            raise ValueError(f"generate.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generate.top_p must be in (0, 1], got {self.top_p}")
+
+
+def check_model(path: Path) -> None:
+    from stages.gguf_io import check_gguf
+
+    if not path.exists():
+        built = sorted(p.stem.removeprefix("model-") for p in path.parent.glob("model-*.gguf"))
+        raise StageError(f"{path} not found: build it with `make repro` (quantize.types lists the levels), "
+                         f"or pick QUANT= from: {', '.join(built) or 'nothing built yet'}")
+    check_gguf(path)
+
+
+def completion_text(prompt: str, template: str, raw: bool) -> str:
+    if raw or template != "alpaca":
+        return prompt
+    return render("alpaca", prompt)
+
+
+def stream(llm: Any, text: str, n: int, g: GenerateParams) -> Iterator[str]:
+    """Completion pieces as llama.cpp produces them (stops at EOS or an Alpaca section header)."""
+    for chunk in llm.create_completion(text, max_tokens=n, temperature=g.temperature, top_p=g.top_p,
+                                       repeat_penalty=g.repeat_penalty, seed=g.seed, stop=STOPS, stream=True):
+        yield chunk["choices"][0]["text"]
+
+
+def stream_chat(llm: Any, message: str, n: int, g: GenerateParams) -> Iterator[str]:
+    """`prompt.template: chat`: the GGUF's own chat template renders the turn."""
+    for chunk in llm.create_chat_completion([{"role": "user", "content": message}], max_tokens=n,
+                                            temperature=g.temperature, top_p=g.top_p,
+                                            repeat_penalty=g.repeat_penalty, seed=g.seed, stream=True):
+        yield chunk["choices"][0]["delta"].get("content", "") or ""
+
+
+def respond(llm: Any, prompt: str, n: int, g: GenerateParams, template: str, raw: bool) -> Iterator[str]:
+    if template == "chat" and not raw:
+        return stream_chat(llm, prompt, n, g)
+    return stream(llm, completion_text(prompt, template, raw), n, g)
+
+
+def repl(llm: Any, n: int, g: GenerateParams, template: str, raw: bool) -> None:
+    print("Type an instruction; empty line or /exit to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not line or line in ("/exit", "/quit"):
+            return
+        for piece in respond(llm, line, n, g, template, raw):
+            print(piece, end="", flush=True)
+        print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", type=Path, required=True, help="a GGUF file, e.g. models/gguf/model-q4_0.gguf")
+    ap.add_argument("--prompt", help="the instruction (or, with --raw, the exact text) to complete")
+    ap.add_argument("-n", "--n-predict", type=int, default=128, help="max new tokens")
+    ap.add_argument("--raw", action="store_true", help="no template: complete the prompt text as is")
+    ap.add_argument("--chat", action="store_true", help="interactive REPL")
+    args = ap.parse_args(argv)
+    if not args.chat and not args.prompt:
+        raise StageError("give --prompt (make generate PROMPT=\"...\") or --chat")
+    if args.n_predict < 1:
+        raise StageError(f"-n must be >= 1, got {args.n_predict}")
+    g = load_section(GenerateParams, "generate", args.params)
+    template = load_section(PromptParams, "prompt", args.params).template
+    check_model(args.model)
+    from stages.gguf_io import open_llama
+
+    with open_llama(args.model, n_ctx=g.n_ctx, seed=g.seed) as llm:
+        if args.chat:
+            repl(llm, args.n_predict, g, template, args.raw)
+            return
+        for piece in respond(llm, args.prompt, args.n_predict, g, template, args.raw):
+            print(piece, end="", flush=True)
+        print()
+
+
+if __name__ == "__main__":
+    cli(main)

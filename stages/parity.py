@@ -1,0 +1,102 @@
+"""Parity checks shared by the export gates: the validation texts, HF logits, and how two sets of logits compare.
+
+Gate texts are the first N validation records rendered with the training template plus their reference
+output, so every gate looks at prompt tokens and response tokens alike.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from stages.errors import StageError
+from stages.prompts import render_record
+
+
+class GateFailure(StageError):
+    """A broken gate: the metrics (with the failure) are still written, the stage's output is not."""
+
+    def __init__(self, metrics: dict, message: str):
+        super().__init__(message)
+        self.metrics = metrics
+
+
+def check_gate_sizes(section: str, gate_prompts: int, gate_max_tokens: int) -> None:
+    """Range checks shared by the `export` and `convert` params (ValueError naming the full key)."""
+    if gate_prompts < 1:
+        raise ValueError(f"{section}.gate_prompts must be >= 1, got {gate_prompts}")
+    if gate_max_tokens < 8:
+        raise ValueError(f"{section}.gate_max_tokens must be >= 8, got {gate_max_tokens}")
+
+
+def run_gated(mlflow: Any, metrics_path: Path, work: Callable[[], dict]) -> dict:
+    """Run a gated stage's work; its metrics JSON (and MLflow) get the result, or the failed gates."""
+    from stages.atomic import write_json
+    from stages.tracking import log_metrics
+
+    try:
+        metrics = work()
+    except GateFailure as exc:
+        write_json(metrics_path, exc.metrics)
+        log_metrics(mlflow, exc.metrics)
+        raise
+    write_json(metrics_path, metrics)
+    log_metrics(mlflow, metrics)
+    return metrics
+
+
+def gate_texts(val_path: str | Path, n: int, template: str, tokenizer: Any = None) -> list[str]:
+    path = Path(val_path)
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise StageError(f"validation file {path}: cannot read ({type(exc).__name__})") from exc
+    if not rows:
+        raise StageError(f"validation file {path} has no records")
+    return [render_record(template, r, tokenizer) + r["output"] for r in rows[:n]]
+
+
+def hf_token_ids(tokenizer: Any, texts: list[str], max_tokens: int) -> list[list[int]]:
+    return [tokenizer(t)["input_ids"][:max_tokens] for t in texts]
+
+
+def hf_logits(model: Any, ids: list[list[int]]) -> list[np.ndarray]:
+    """fp32 logits for every position of each sequence (one at a time: no padding to get wrong)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for seq in ids:
+            logits = model(torch.tensor([seq])).logits[0]
+            out.append(logits.float().numpy())
+    return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def compare(ref: list[np.ndarray], got: list[np.ndarray], ids: list[list[int]]) -> dict:
+    """max |Δlogit|, top-1 agreement over all positions, and mean |Δ log-prob| of the actual next tokens."""
+    max_diff, agree, positions, dlp = 0.0, 0, 0, []
+    for r, g, seq in zip(ref, got, ids):
+        if r.shape != g.shape:
+            raise StageError(f"logit shapes differ: {r.shape} vs {g.shape}")
+        max_diff = max(max_diff, float(np.abs(r - g).max()))
+        agree += int((r.argmax(-1) == g.argmax(-1)).sum())
+        positions += r.shape[0]
+        nxt = np.array(seq[1:])
+        if len(nxt):
+            rows = np.arange(len(nxt))
+            dlp.append(np.abs(_log_softmax(r[:-1])[rows, nxt] - _log_softmax(g[:-1])[rows, nxt]))
+    return {
+        "max_abs_logit_diff": max_diff,
+        "top1_agreement": agree / positions,
+        "mean_abs_logprob_diff": float(np.concatenate(dlp).mean()) if dlp else 0.0,
+        "positions": positions,
+        "sequences": len(ids),
+    }

@@ -1,0 +1,184 @@
+"""quantize: the reference GGUF → one llama.cpp quantization level, with an Ollama Modelfile beside it.
+
+Run (dvc.yaml runs one `quantize@<type>` per entry of `quantize.types`, each cached on its own):
+    python -m stages.quantize --params params.yaml --type q4_k_m --src models/gguf/model-f16.gguf \
+        --out models/gguf/model-q4_k_m.gguf --modelfile models/gguf/model-q4_k_m.Modelfile \
+        --metrics reports/metrics/quantize/q4_k_m.json
+
+Quantizes with llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`, default params, the ftype named by
+`--type`), then reads the result back with the `gguf` package: file size, bits per weight, seconds, the stored
+type of every tensor and — for each tensor stored in another type than the one asked — why: 1-D norms stay
+F32; k-quants need rows divisible by 256 (SmolLM2's 576-wide rows are not, so llama.cpp falls back, as its own
+log says); the k-quant mixes (_M/_S/_L) deliberately give some tensors more bits.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from stages.atomic import atomic_path, ensure_writable, write_json, write_text
+from stages.config import as_dict, load_section
+from stages.errors import StageError, cli
+from stages.prompts import ALPACA_NO_INPUT, PromptParams
+
+log = logging.getLogger("quantize")
+TYPE_NAME = re.compile(r"^(Q[2-8]_(0|1|K|K_[SML])|F16|BF16)$")
+FALLBACK = re.compile(r"^\S*warning:\s*(\S+)\s+- ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\S+)\)"
+                      r"\s*-> falling back to\s+(\S+)")
+
+
+def valid_types() -> dict[str, int]:
+    """Quantization names accepted by `--type` (lower case) → llama.cpp ftype constant."""
+    import llama_cpp
+
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    return {name.removeprefix(prefix).lower(): getattr(llama_cpp, name) for name in dir(llama_cpp)
+            if name.startswith(prefix) and TYPE_NAME.match(name.removeprefix(prefix))}
+
+
+def check_type(qtype: str) -> int:
+    types = valid_types()
+    if qtype not in types:
+        raise StageError(f"unknown quantization type {qtype!r} in quantize.types; valid: {', '.join(sorted(types))}")
+    return types[qtype]
+
+
+def asked_type(qtype: str) -> str:
+    """The GGML tensor type a level asks for: q4_k_m → Q4_K, q8_0 → Q8_0."""
+    return re.sub(r"_K_[SML]$", "_K", qtype.upper())
+
+
+def quantize_file(src: Path, dst: Path, ftype: int) -> tuple[float, list[str]]:
+    """llama.cpp's quantizer with its default params; (seconds, llama.cpp's log lines)."""
+    import os
+
+    import llama_cpp
+
+    from stages.gguf_io import captured_stderr
+
+    qp = llama_cpp.llama_model_quantize_default_params()
+    qp.ftype = ftype
+    qp.nthread = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    with captured_stderr() as lines:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(qp))
+    seconds = time.perf_counter() - t0
+    if rc != 0 or not dst.is_file():
+        err = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), f"rc={rc}")
+        raise StageError(f"llama.cpp's quantizer failed on {src}: {err.strip()[:200]}")
+    return seconds, lines
+
+
+def other_types(infos: list, qtype: str, log_lines: list[str]) -> dict:
+    """Tensors stored in another type than `qtype` asks, grouped by reason (count, stored types, examples)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    asked = asked_type(qtype)
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[asked]][0]
+    fell_back = {m[1]: m for m in (FALLBACK.match(ln) for ln in log_lines) if m}
+    groups: dict[str, dict] = defaultdict(lambda: {"count": 0, "stored": defaultdict(int), "examples": []})
+    for t in infos:
+        if t.type == asked:
+            continue
+        if len(t.shape) == 1 or t.shape[1] == 1:
+            reason = "1-D tensor (norm weights): llama.cpp keeps these in F32"
+        elif t.name in fell_back:
+            m = fell_back[t.name]
+            reason = (f"rows of {m[2]} not divisible by {m[3]} (the block size of {m[4]}): llama.cpp fell back "
+                      f"from {m[4]} to {m[5]}")
+        elif t.shape[0] % block:
+            reason = f"rows of {t.shape[0]} not divisible by {block} (the block size of {asked}): llama.cpp fell back"
+        else:
+            reason = f"llama.cpp's {qtype} recipe gives this tensor another type (more bits for sensitive tensors)"
+        g = groups[reason]
+        g["count"] += 1
+        g["stored"][t.type] += 1
+        if len(g["examples"]) < 3:
+            g["examples"].append(t.name)
+    return {r: {**g, "stored": dict(sorted(g["stored"].items()))} for r, g in groups.items()}
+
+
+def modelfile(gguf_name: str, template: str, stops: list[str]) -> str:
+    """An Ollama Modelfile: FROM the GGUF beside it, the training prompt template, stop sequences."""
+    if template == "alpaca":
+        body = ALPACA_NO_INPUT.replace("{instruction}", "{{ .Prompt }}")
+        stops = ["### Instruction:", *stops]
+    else:  # the ChatML layout of SmolLM2-style chat templates, in Ollama's Go template syntax
+        body = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+                "<|im_start|>assistant\n")
+        stops = ["<|im_end|>", *stops]
+    lines = [f"# Ollama: ollama create {Path(gguf_name).stem} -f {Path(gguf_name).stem}.Modelfile "
+             f"(run it in this folder), then ollama run {Path(gguf_name).stem}",
+             f"FROM ./{gguf_name}", f'TEMPLATE """{body}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops)]
+    return "\n".join(lines) + "\n"
+
+
+def smoke_test(path: Path) -> None:
+    """The quantized file loads in llama.cpp and yields finite logits."""
+    import numpy as np
+
+    from stages.gguf_io import open_llama, tokenize
+
+    with open_llama(path, n_ctx=64) as llm:
+        ids = tokenize(llm, "Hello, world")
+        llm.eval(ids)
+        if not np.isfinite(np.array(llm.scores[len(ids) - 1])).all():
+            raise StageError(f"{path}: llama.cpp produced non-finite logits")
+
+
+def run(qtype: str, prompt: PromptParams, src: Path, out: Path, modelfile_out: Path) -> dict:
+    from stages.gguf_io import bits_per_weight, check_gguf, field_value, tensor_infos, type_counts
+
+    ftype = check_type(qtype)
+    reader = check_gguf(src)
+    ensure_writable(out)
+    ensure_writable(modelfile_out)
+    eos_id = field_value(reader, "tokenizer.ggml.eos_token_id")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    stops = [bytes(tokens.parts[tokens.data[eos_id]]).decode()] if tokens is not None and eos_id is not None else []
+    with atomic_path(out) as tmp:
+        seconds, lines = quantize_file(src, tmp, ftype)
+        infos = tensor_infos(tmp)
+        smoke_test(tmp)
+        metrics = {
+            "type": qtype, "asked_tensor_type": asked_type(qtype), "file_bytes": tmp.stat().st_size,
+            "file_mib": tmp.stat().st_size / 2**20, "bits_per_weight": bits_per_weight(infos),
+            "quantize_seconds": seconds, "source_bytes": src.stat().st_size, "tensors": len(infos),
+            "tensor_types": type_counts(infos), "other_type": other_types(infos, qtype, lines),
+        }
+        write_text(modelfile_out, modelfile(out.name, prompt.template, stops))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--type", required=True, help="quantization level, e.g. q4_k_m")
+    ap.add_argument("--src", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--modelfile", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    prompt = load_section(PromptParams, "prompt", args.params)
+    check_type(args.type)
+    ensure_writable(args.metrics)
+    from stages.tracking import log_metrics, stage_run
+
+    with stage_run("quantize", {"quantize": {"type": args.type}, "prompt": as_dict(prompt)},
+                   run_name=f"quantize@{args.type}") as mlflow:
+        metrics = run(args.type, prompt, args.src, args.out, args.modelfile)
+        write_json(args.metrics, metrics)
+        log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "other_type"})
+    log.info("%s: %.1f MiB, %.2f bits/weight, %.1f s → %s", args.type, metrics["file_mib"],
+             metrics["bits_per_weight"], metrics["quantize_seconds"], args.out)
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,52 @@
+"""serve: llama-cpp-python's OpenAI-compatible server on a GGUF, bound to 127.0.0.1 (make serve).
+
+Run: python -m stages.serve --model models/gguf/model-q4_k_m.gguf [--port 8000]
+Then: curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+          -d '{"prompt": "...", "max_tokens": 64}'
+The file is validated first (a truncated or non-GGUF file is one `error:` line, not a crash); `n_ctx` and the
+seed come from the `generate` section of params.yaml. Only loopback by default: pass --host to expose it.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stages.config import load_section
+from stages.errors import StageError, cli
+from stages.generate import GenerateParams, check_model
+
+
+def build_app(model: Path, g: GenerateParams, host: str, port: int):
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    from stages.gguf_io import captured_stderr
+
+    with captured_stderr() as log:
+        try:
+            return create_app(server_settings=ServerSettings(host=host, port=port),
+                              model_settings=[ModelSettings(model=str(model), n_ctx=g.n_ctx, seed=g.seed,
+                                                            verbose=False)])
+        except (ValueError, RuntimeError, OSError) as exc:
+            error = exc
+    raise StageError(f"llama.cpp cannot load {model}: {next(iter(log[-1:]), str(error)).strip()[:200]}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    args = ap.parse_args(argv)
+    g = load_section(GenerateParams, "generate", args.params)
+    check_model(args.model)
+    app = build_app(args.model, g, args.host, args.port)
+    import uvicorn
+
+    print(f"serving {args.model} on http://{args.host}:{args.port}/v1 (OpenAI API; docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,92 @@
+"""quantize: llama.cpp's quantizer per level, tensor types read back, Modelfile, unknown types, DVC caching."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from conftest import run_module
+
+from stages.errors import StageError
+from stages.gguf_io import open_llama, tensor_infos
+from stages.prompts import PromptParams
+from stages.quantize import check_type, modelfile, run, valid_types
+
+ALPACA = PromptParams(template="alpaca")
+
+
+def test_valid_types_cover_the_defaults_and_unknown_lists_them():
+    assert {"q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k"} <= set(valid_types())
+    with pytest.raises(StageError, match="unknown quantization type 'q4_z'.*valid: .*q4_k_m"):
+        check_type("q4_z")
+
+
+def test_q4_0_and_k_quant_fallbacks_are_explained(tmp_path, tiny_gguf):
+    m = run("q4_0", ALPACA, tiny_gguf, tmp_path / "model-q4_0.gguf", tmp_path / "model-q4_0.Modelfile")
+    infos = tensor_infos(tmp_path / "model-q4_0.gguf")
+    assert m["file_bytes"] == (tmp_path / "model-q4_0.gguf").stat().st_size < tiny_gguf.stat().st_size
+    assert m["tensor_types"].get("Q4_0", 0) > 0 and 4 < m["bits_per_weight"] < 16
+    assert sum(g["count"] for g in m["other_type"].values()) == sum(t.type != "Q4_0" for t in infos)
+    # The tiny model's 64-wide rows are not multiples of 256: every k-quant tensor falls back, with the reason.
+    k = run("q4_k_m", ALPACA, tiny_gguf, tmp_path / "model-q4_k_m.gguf", tmp_path / "k.Modelfile")
+    assert "Q4_K" not in k["tensor_types"]
+    assert any("not divisible by 256" in reason for reason in k["other_type"])
+    with open_llama(tmp_path / "model-q4_k_m.gguf", n_ctx=64):
+        pass
+
+
+def test_modelfile_has_template_and_stops(tmp_path, tiny_gguf):
+    run("q8_0", ALPACA, tiny_gguf, tmp_path / "model-q8_0.gguf", tmp_path / "model-q8_0.Modelfile")
+    text = (tmp_path / "model-q8_0.Modelfile").read_text()
+    assert "FROM ./model-q8_0.gguf" in text and "{{ .Prompt }}" in text and "### Response:" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "### Instruction:"' in text
+    chat = modelfile("m.gguf", "chat", ["<|im_end|>"])
+    assert "{{ .Content }}" in chat and chat.count('PARAMETER stop "<|im_end|>"') == 1
+
+
+def test_unknown_type_cli_is_one_line_and_writes_nothing(tmp_path, tiny_gguf):
+    proc = run_module("stages.quantize", "--type", "q9_k", "--src", str(tiny_gguf), "--out",
+                      str(tmp_path / "q.gguf"), "--modelfile", str(tmp_path / "q.Modelfile"), "--metrics",
+                      str(tmp_path / "q.json"))
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: unknown quantization type 'q9_k'")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_each_type_is_its_own_dvc_stage(repo_copy, tiny_gguf):
+    """quantize@<type> is cached on its own: adding a type leaves the existing ones up to date."""
+    env_dvc = ["dvc"]
+    gguf = repo_copy / "models/gguf/model-f16.gguf"
+    gguf.parent.mkdir(parents=True)
+    shutil.copy(tiny_gguf, gguf)
+    params = repo_copy / "params.yaml"
+    params.write_text(params.read_text().replace("types: [q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m, q2_k]",
+                                                 "types: [q4_0]"))
+
+    def dvc(*args):
+        proc = subprocess.run(env_dvc + list(args), cwd=repo_copy, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    dvc("repro", "--single-item", "quantize@q4_0")
+    assert json.loads((repo_copy / "reports/metrics/quantize/q4_0.json").read_text())["type"] == "q4_0"
+    params.write_text(params.read_text().replace("types: [q4_0]", "types: [q4_0, q8_0]"))
+    status = dvc("status", "quantize@q4_0")
+    assert "up to date" in status or status.strip() == "", status
+    assert "quantize@q8_0" in dvc("stage", "list")
+    import yaml
+
+    lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]["quantize@q4_0"]
+    assert "quantize" not in lock.get("params", {}).get("params.yaml", {})
+    # ...while a param it does use still invalidates it (the status check above is not vacuous).
+    params.write_text(params.read_text().replace("template: alpaca", "template: chat"))
+    assert "changed" in dvc("status", "quantize@q4_0")
+
+
+def test_unwritable_output_folder_stops_before_quantizing(tmp_path, tiny_gguf):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(StageError, match="cannot create output folder"):
+        run("q4_0", ALPACA, tiny_gguf, blocker / "model-q4_0.gguf", tmp_path / "m.Modelfile")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]
