@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 
-.PHONY: help setup repro test mlflow-ui lock clean-venv
+.PHONY: help setup repro test mlflow-ui lock clean-venv bench-infer report
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -33,6 +33,13 @@ repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults
 
 test: $(STAMP) ## Run the test suite
 	python -m pytest
+
+QUANT ?= q4_0
+bench-infer: $(STAMP) ## llama-cpp-python generation tok/s of models/gguf/model-$(QUANT).gguf vs the memory-bandwidth bound (QUANT=q4_0)
+	python -m stages.bench_infer --params params.yaml --gguf models/gguf/model-$(QUANT).gguf
+
+report: $(STAMP) ## Re-run evaluate (every variant) and write reports/report.md with its plots
+	PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro report
 
 mlflow-ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(MLFLOW_PORT)
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--gguf", type=Path, required=True)
     args = ap.parse_args(argv)
-    from stages.evaluate import EvaluateParams
+    from stages.eval_config import EvaluateParams
     from stages.llama_io import bench
 
     params = load_section(EvaluateParams, "evaluate", args.params)

@@ -27,40 +27,9 @@ import numpy as np
 from stages.atomic import sha256_file, write_json, write_jsonl
 from stages.config import as_dict, load_section
 from stages.errors import StageError, cli
+from stages.eval_config import REFERENCE_VARIANT, EvaluateParams
 
 log = logging.getLogger("evaluate")
-REFERENCE_VARIANT = "finetuned-f16"
-
-
-@dataclass(frozen=True)
-class SpeedParams:
-    prompt_tokens: int  # prompt-processing benchmark length (llama-bench pp512)
-    gen_tokens: int     # generation benchmark length (llama-bench tg128)
-    runs: int           # timed runs after one warm-up; the median is reported
-
-    def __post_init__(self) -> None:
-        if self.prompt_tokens < 1 or self.gen_tokens < 1:
-            raise ValueError("evaluate.speed.prompt_tokens and evaluate.speed.gen_tokens must be >= 1")
-        if self.runs < 3:
-            raise ValueError(f"evaluate.speed.runs must be >= 3 (a median of at least 3), got {self.runs}")
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    variants: dict       # variant name -> GGUF file stem under models/gguf/ (dvc.yaml's foreach)
-    threads: int         # CPU threads for every llama.cpp and transformers measurement
-    max_new_tokens: int  # greedy generation limit
-    speed: SpeedParams
-
-    def __post_init__(self) -> None:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.variants.items()):
-            raise ValueError("evaluate.variants must map variant names to GGUF file stems (strings)")
-        if REFERENCE_VARIANT not in self.variants:
-            raise ValueError(f"evaluate.variants must include {REFERENCE_VARIANT!r} (the reference)")
-        if self.threads < 1:
-            raise ValueError(f"evaluate.threads must be >= 1, got {self.threads}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"evaluate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)
@@ -130,7 +99,8 @@ def generation_metrics(rows: list[dict], ref: Reference) -> dict:
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     refs = {(p["kind"], p["id"]): p["reference"] for p in ref.prompts}
-    rouge = [scorer.score(refs[(r["kind"], r["id"])], r["text"]).fmeasure for r in rows if r["kind"] == "val"]
+    rouge = [scorer.score(refs[(r["kind"], r["id"])], r["text"])["rougeL"].fmeasure
+             for r in rows if r["kind"] == "val"]
     return {
         "rouge_l_f1": float(np.mean(rouge)) if rouge else None,
         "rouge_prompts": len(rouge),
@@ -167,7 +137,7 @@ def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams) -> tup
         "run_id": ref.meta["run_id"],
         "gguf_sha256": gguf_sha,
         "size_mb": size / 1e6,
-        "bits_per_weight": size * 8 / speed["n_params"],
+        "bits_per_weight": speed["tensor_bytes"] * 8 / speed["n_params"],
         **quality,
         **generation_metrics(rows, ref),
         "speed": speed,

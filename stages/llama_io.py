@@ -120,6 +120,7 @@ def _bench_in_child(path: str, threads: int, prompt_tokens: int, gen_tokens: int
         "gen_tps_runs": tg_runs,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "n_params": n_params(llm),
+        "tensor_bytes": int(llm._model.size()),  # weights only, as llama.cpp counts model size / BPW
     }
 
 

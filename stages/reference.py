@@ -34,7 +34,7 @@ from stages.errors import StageError, cli
 from stages.prompts import PromptParams, render, render_record
 
 if TYPE_CHECKING:
-    from stages.evaluate import SpeedParams
+    from stages.eval_config import SpeedParams
 
 log = logging.getLogger("reference")
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_section(ReferenceParams, "reference", args.params)
     template = load_section(PromptParams, "prompt", args.params).template
-    from stages.evaluate import EvaluateParams
+    from stages.eval_config import EvaluateParams
 
     ev = load_section(EvaluateParams, "evaluate", args.params)
     records = check_inputs(args.gguf, args.merged, args.val)

@@ -25,7 +25,7 @@ from pathlib import Path
 from stages.atomic import atomic_path, write_json, write_text
 from stages.config import load_section, read_params
 from stages.errors import StageError, cli
-from stages.evaluate import REFERENCE_VARIANT, EvaluateParams
+from stages.eval_config import REFERENCE_VARIANT, EvaluateParams
 
 log = logging.getLogger("report")
 BASE_VARIANT = "base-f16"
