@@ -33,8 +33,8 @@ COMPARE_VARIANTS = (REFERENCE_VARIANT, "q4_0", "q2_k")  # answers to the first s
 TARGET_Q8_KLD, TARGET_Q8_TOP1, TARGET_Q4_SPEEDUP = 0.005, 0.95, 5.0
 COLUMNS = [  # (csv key, table header, format)
     ("variant", "variant", "{}"), ("size_mb", "size MB", "{:.1f}"), ("bits_per_weight", "bits/w", "{:.2f}"),
-    ("ppl", "PPL", "{:.3f}"), ("delta_ppl", "ΔPPL vs f16", "{:+.3f}"), ("kld_mean", "KLD mean", "{:.5f}"),
-    ("kld_p99", "KLD p99", "{:.4f}"), ("top1_pct", "top-1 %", "{:.2f}"), ("rms_dp_pct", "RMS Δp %", "{:.2f}"),
+    ("ppl", "PPL", "{:.3f}"), ("delta_ppl", "ΔPPL vs f16", "{:+.3f}"), ("kld_mean", "KLD mean", "{:.4g}"),
+    ("kld_p99", "KLD p99", "{:.4g}"), ("top1_pct", "top-1 %", "{:.2f}"), ("rms_dp_pct", "RMS Δp %", "{:.2f}"),
     ("rouge_l", "ROUGE-L", "{:.3f}"), ("eos_pct", "EOS-stop %", "{:.0f}"), ("prompt_tps", "prompt tok/s", "{:.0f}"),
     ("gen_tps", "gen tok/s", "{:.1f}"), ("load_s", "load s", "{:.2f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
 ]
@@ -116,7 +116,7 @@ def targets(inputs: Inputs) -> list[dict]:
     if "q8_0" in v:
         kld, top1 = v["q8_0"]["kld_mean"], v["q8_0"]["top1_agreement"]
         out.append({"target": f"q8_0 mean KLD ≤ {TARGET_Q8_KLD}", "met": kld <= TARGET_Q8_KLD,
-                    "numbers": f"{kld:.5f}"})
+                    "numbers": f"{kld:.4g}"})
         out.append({"target": f"q8_0 top-1 agreement ≥ {TARGET_Q8_TOP1:.0%}", "met": top1 >= TARGET_Q8_TOP1,
                     "numbers": f"{100 * top1:.2f}%"})
     else:
@@ -363,8 +363,7 @@ def run(params_path: str, evaluated: Path, reference: Path, generations: Path, l
 def attach_to_variant_runs(mlflow, run_id: str, files: list[Path]) -> int:
     """Log the report onto the newest evaluate run of each variant measured under `run_id`."""
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(mlflow.get_experiment(mlflow.active_run().info.experiment_id).name)
-    runs = client.search_runs([exp.experiment_id], f"tags.dvc_stage = 'evaluate' and tags.eval_run_id = '{run_id}'",
+    runs = client.search_runs([mlflow.active_run().info.experiment_id], f"tags.dvc_stage = 'evaluate' and tags.eval_run_id = '{run_id}'",
                               order_by=["attributes.start_time DESC"])
     seen = set()
     for r in runs:
