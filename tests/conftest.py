@@ -107,6 +107,20 @@ def make_adapter(model_dir: Path, out: Path, trained: bool = True, r: int = 4) -
     return out
 
 
+def quantize_gguf(src: Path, dst: Path, qtype: str) -> Path:
+    """llama.cpp's quantizer through llama-cpp-python (qtype: q8_0, q4_0, …)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"quantizing {src} to {qtype} failed")
+    return dst
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory, tiny_model_dir) -> Path:
     """`tiny_model_dir` converted to an f16 GGUF by llama.cpp's converter (session-scoped, shared)."""
@@ -135,3 +149,9 @@ def tiny_merged(tmp_path_factory, tiny_model_dir, tiny_adapter) -> tuple[Path, d
     metrics = run(params, PromptParams(template="alpaca"), tiny_model_dir, tiny_adapter,
                   write_val(root / "val.jsonl"), root / "merged")
     return root / "merged", metrics
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_quants(tiny_gguf) -> dict[str, Path]:
+    """q8_0 and q4_0 of `tiny_gguf` (k-quants need rows of 256; the tiny model's are 64 wide)."""
+    return {q: quantize_gguf(tiny_gguf, tiny_gguf.with_name(f"model-{q}.gguf"), q) for q in ("q8_0", "q4_0")}

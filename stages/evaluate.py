@@ -1,0 +1,178 @@
+"""evaluate: quality and speed of one GGUF variant (base-f16, finetuned-f16 or a quantization type).
+
+Run (one DVC foreach entry per variant; dvc.yaml fills these in):
+  python -m stages.evaluate --params params.yaml --variant q4_0 --gguf models/gguf/model-q4_0.gguf \
+      --reference models/reference --metrics reports/metrics/evaluate/q4_0.json \
+      --generations reports/evaluate/q4_0.generations.jsonl
+
+- Quality on the reference's token sequences (held-out records, prompt masked, response + EOS scored):
+  response perplexity; against finetuned-f16 (cached by the `reference` stage): mean KLD, p99, max,
+  top-1 agreement and RMS Δp, as `llama-perplexity --kl-divergence` reports them.
+- Generation: greedy answers (`evaluate.max_new_tokens`) to the reference's prompts: ROUGE-L F1 against the
+  reference outputs (rouge-score), mean response length in tokens, share that ended with EOS before the limit.
+- Speed (fresh process, `evaluate.threads` fixed): prompt tok/s and generation tok/s, medians of
+  `evaluate.speed.runs` after a warm-up; load time; peak RSS; file size; bits per weight.
+The metrics carry the reference's `run_id` and the GGUF's sha256, so `report` can refuse mixed runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.atomic import sha256_file, write_json, write_jsonl
+from stages.config import as_dict, load_section
+from stages.errors import StageError, cli
+from stages.eval_config import REFERENCE_VARIANT, EvaluateParams
+
+log = logging.getLogger("evaluate")
+
+
+@dataclass(frozen=True)
+class Reference:
+    meta: dict
+    arrays: dict
+    prompts: list[dict]
+
+
+def load_reference(ref_dir: Path) -> Reference:
+    files = [ref_dir / n for n in ("meta.json", "reference.npz", "prompts.jsonl")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise StageError(f"reference {missing[0]} not found (run the reference stage)")
+    meta = json.loads(files[0].read_text(encoding="utf-8"))
+    with np.load(files[1]) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    prompts = [json.loads(line) for line in files[2].read_text(encoding="utf-8").splitlines() if line.strip()]
+    return Reference(meta, arrays, prompts)
+
+
+def score(gguf: Path, ref: Reference, threads: int) -> dict:
+    """Perplexity and the KLD statistics of the variant over every reference response position."""
+    from tqdm import tqdm
+
+    from stages.llama_io import open_gguf, response_log_probs
+    from stages.metrics import TopK, compare, summarize
+
+    a = ref.arrays
+    offsets, n_prompt = a["offsets"], a["n_prompt"]
+    llm = open_gguf(gguf, threads=threads, n_ctx=int(np.max(np.diff(offsets))), logits_all=True)
+    if llm.n_vocab() != ref.meta["n_vocab"]:
+        raise StageError(f"{gguf}: vocabulary of {llm.n_vocab()} tokens, the reference has {ref.meta['n_vocab']}")
+    parts: dict[str, list] = {}
+    pos = 0
+    for i in tqdm(range(len(n_prompt)), desc=f"scoring {gguf.name}", unit="record"):
+        ids = a["tokens"][offsets[i]:offsets[i + 1]].tolist()
+        q = response_log_probs(llm, ids, int(n_prompt[i]))
+        n = len(q)
+        sl = slice(pos, pos + n)
+        top = TopK(a["top_ids"][sl], a["top_logp"][sl], a["tail_logp"][sl], a["target_logp"][sl])
+        for key, value in compare(top, q, np.asarray(ids[int(n_prompt[i]):])).items():
+            parts.setdefault(key, []).append(value)
+        pos += n
+    if pos != len(a["target_logp"]):
+        raise StageError(f"internal: scored {pos} positions, the reference has {len(a['target_logp'])}")
+    return summarize({k: np.concatenate(v) for k, v in parts.items()})
+
+
+def generate_all(gguf: Path, ref: Reference, threads: int, max_new_tokens: int) -> list[dict]:
+    from tqdm import tqdm
+
+    from stages.llama_io import generate, open_gguf
+
+    llm = open_gguf(gguf, threads=threads, n_ctx=2048)
+    rows = []
+    for p in tqdm(ref.prompts, desc=f"generating {gguf.name}", unit="prompt"):
+        g = generate(llm, p["prompt"], max_new_tokens)
+        rows.append({"kind": p["kind"], "id": p["id"], "instruction": p.get("instruction"), "text": g.text,
+                     "tokens": g.tokens, "eos": g.stopped})
+    return rows
+
+
+def generation_metrics(rows: list[dict], ref: Reference) -> dict:
+    """ROUGE-L F1 (rouge-score, stemmed) against the reference outputs; length and EOS share over all answers."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    refs = {(p["kind"], p["id"]): p["reference"] for p in ref.prompts}
+    rouge = [scorer.score(refs[(r["kind"], r["id"])], r["text"])["rougeL"].fmeasure
+             for r in rows if r["kind"] == "val"]
+    return {
+        "rouge_l_f1": float(np.mean(rouge)) if rouge else None,
+        "rouge_prompts": len(rouge),
+        "mean_response_tokens": float(np.mean([r["tokens"] for r in rows])),
+        "eos_stop_share": float(np.mean([r["eos"] for r in rows])),
+        "generated_prompts": len(rows),
+    }
+
+
+def check_inputs(variant: str, gguf: Path, ref_dir: Path, params: EvaluateParams) -> Reference:
+    """Everything that can be wrong with the inputs, before any model is loaded."""
+    if variant not in params.variants:
+        raise StageError(f"variant {variant!r} is not in evaluate.variants ({', '.join(params.variants)})")
+    if not gguf.is_file():
+        raise StageError(f"variant {variant}: GGUF file {gguf} not found (run the convert/quantize stages, or "
+                         f"remove {variant!r} from evaluate.variants)")
+    return load_reference(ref_dir)
+
+
+def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams) -> tuple[dict, list[dict]]:
+    from stages.llama_io import bench, system_info
+
+    gguf_sha = sha256_file(gguf)
+    if variant == REFERENCE_VARIANT and gguf_sha != ref.meta["gguf_sha256"]:
+        raise StageError(f"variant {variant}: {gguf} differs from the file the reference was computed on "
+                         f"({ref.meta['gguf']}); rerun the reference stage")
+    quality = score(gguf, ref, params.threads)
+    rows = generate_all(gguf, ref, params.threads, params.max_new_tokens)
+    speed = bench(gguf, threads=params.threads, prompt_tokens=params.speed.prompt_tokens,
+                  gen_tokens=params.speed.gen_tokens, runs=params.speed.runs)
+    size = speed.pop("file_size_bytes")
+    metrics = {
+        "variant": variant,
+        "run_id": ref.meta["run_id"],
+        "gguf_sha256": gguf_sha,
+        "size_mb": size / 1e6,
+        "bits_per_weight": speed["tensor_bytes"] * 8 / speed["n_params"],
+        **quality,
+        **generation_metrics(rows, ref),
+        "speed": speed,
+        "max_new_tokens": params.max_new_tokens,
+        "llama_cpp": system_info(),
+    }
+    return metrics, rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--variant", required=True)
+    ap.add_argument("--gguf", type=Path, required=True)
+    ap.add_argument("--reference", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--generations", type=Path, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_section(EvaluateParams, "evaluate", args.params)
+    ref = check_inputs(args.variant, args.gguf, args.reference, params)
+    from stages.tracking import log_metrics, stage_run
+
+    logged = {"variant": args.variant, "gguf": str(args.gguf), "threads": params.threads,
+              "max_new_tokens": params.max_new_tokens, "speed": as_dict(params.speed)}
+    with stage_run("evaluate", logged, run_name=f"evaluate {args.variant}") as mlflow:
+        metrics, rows = run(args.variant, args.gguf, ref, params)
+        write_jsonl(args.generations, rows)
+        write_json(args.metrics, metrics)
+        log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "llama_cpp"})
+        mlflow.set_tags({"variant": args.variant, "eval_run_id": metrics["run_id"]})
+        mlflow.log_artifact(str(args.generations))
+    log.info("%s: PPL %.3f, KLD %.5f, top-1 %.1f%%, gen %.1f tok/s", args.variant, metrics["ppl"],
+             metrics["kld_mean"], 100 * metrics["top1_agreement"], metrics["speed"]["gen_tps"])
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,233 @@
+"""reference: the evaluation set and the fine-tuned f16 model's next-token distributions on it, computed once.
+
+Run: python -m stages.reference --params params.yaml --gguf models/gguf/model-f16.gguf --merged models/merged \
+         --val data/prepared/val.jsonl --out models/reference --metrics reports/metrics/reference.json
+
+- Renders the held-out records with the prompt template (stages/prompts.py) and tokenizes prompt and response
+  with the GGUF's own tokenizer (prompt masked: only response tokens and the closing EOS are scored).
+- Runs finetuned-f16 (llama.cpp, like `llama-perplexity --kl-divergence-base`) and stores, per response
+  position, its top-`reference.top_k` log-probs, the exact log-mass of the rest and the correct token's
+  log-prob (see stages/metrics.py for why that is enough for KLD, top-1 and Δp).
+- Stores the prompts every variant answers: the first `reference.generate_records` validation prompts and the
+  fixed `reference.showcase_prompts`.
+- Measures Hugging Face transformers fp32 speed on models/merged (the "without llama.cpp" reference), with
+  the same threads and prompt/generation lengths as `evaluate`.
+Every `evaluate` metrics file carries this stage's `run_id`; `report` refuses files with different ones.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from stages.atomic import atomic_path, sha256_file, write_json, write_jsonl
+from stages.config import as_dict, load_section
+from stages.errors import StageError, cli
+from stages.prompts import PromptParams, render, render_record
+
+if TYPE_CHECKING:
+    from stages.eval_config import SpeedParams
+
+log = logging.getLogger("reference")
+
+
+@dataclass(frozen=True)
+class ReferenceParams:
+    max_records: int | None      # validation records scored (null = all); caps the cost of every variant
+    max_response_tokens: int     # response tokens (incl. EOS) scored per record
+    top_k: int                   # reference log-probs kept per position, plus the exact mass of the rest
+    generate_records: int | None  # validation prompts every variant answers (ROUGE-L); null = all scored
+    showcase_prompts: tuple[str, ...]  # fixed instructions answered by every variant, shown in the report
+
+    def __post_init__(self) -> None:
+        for key in ("max_records", "generate_records"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"reference.{key} must be >= 1 or null, got {value}")
+        if self.max_response_tokens < 1:
+            raise ValueError(f"reference.max_response_tokens must be >= 1, got {self.max_response_tokens}")
+        if self.top_k < 1:
+            raise ValueError(f"reference.top_k must be >= 1, got {self.top_k}")
+        if not self.showcase_prompts:
+            raise ValueError("reference.showcase_prompts must list at least one prompt")
+
+
+def read_val(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise StageError(f"validation split {path} not found (run the prepare stage)")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise StageError(f"validation split {path} is empty: nothing to evaluate (check data.val_size / "
+                         f"data.max_samples)")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) \
+                or not isinstance(row.get("output"), str):
+            raise StageError(f"validation split {path}: record {i} is not an Alpaca record")
+    return rows
+
+
+def _load_tokenizer(merged: Path, template: str):
+    """The HF tokenizer, only for the chat template (the alpaca template is plain text)."""
+    if template != "chat":
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(merged)
+
+
+def score_reference(gguf: Path, records: list[dict], prompts: list[str], params: ReferenceParams, threads: int):
+    """Token sequences and the reference's compact distributions over every response position."""
+    from tqdm import tqdm
+
+    from stages.llama_io import open_gguf, response_log_probs, tokenize_record
+    from stages.metrics import top_k_summary
+
+    probe = open_gguf(gguf, threads=threads, n_ctx=64)
+    seqs = [tokenize_record(probe, p, r["output"], params.max_response_tokens) for p, r in zip(prompts, records)]
+    n_vocab = probe.n_vocab()
+    del probe
+    n_ctx = max(len(ids) for ids, _ in seqs)
+    llm = open_gguf(gguf, threads=threads, n_ctx=n_ctx, logits_all=True)
+    parts = []
+    for ids, n_prompt in tqdm(seqs, desc="reference logits", unit="record"):
+        logp = response_log_probs(llm, ids, n_prompt)
+        parts.append(top_k_summary(logp, np.asarray(ids[n_prompt:]), params.top_k))
+    lengths = [len(ids) for ids, _ in seqs]
+    return {
+        "tokens": np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in seqs]),
+        "offsets": np.cumsum([0, *lengths]).astype(np.int64),
+        "n_prompt": np.asarray([n for _, n in seqs], dtype=np.int64),
+        "top_ids": np.concatenate([p.ids for p in parts]),
+        "top_logp": np.concatenate([p.logp for p in parts]),
+        "tail_logp": np.concatenate([p.tail_logp for p in parts]),
+        "target_logp": np.concatenate([p.target_logp for p in parts]),
+    }, n_vocab
+
+
+def hf_speed(merged: Path, threads: int, speed: "SpeedParams") -> dict:
+    """transformers fp32 on the merged checkpoint: prompt tok/s (one forward) and greedy generate tok/s."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.llama_io import FILLER
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - start
+    tok = AutoTokenizer.from_pretrained(merged)
+    ids = tok(FILLER * (speed.prompt_tokens // 8 + 2), return_tensors="pt").input_ids[:, :speed.prompt_tokens]
+    eos = tok.eos_token_id
+
+    def pp() -> float:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model(ids)
+            return speed.prompt_tokens / (time.perf_counter() - t0)
+
+    def tg() -> float:
+        first = ids[:, :1]
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model.generate(first, attention_mask=torch.ones_like(first), do_sample=False,
+                                 max_new_tokens=speed.gen_tokens, min_new_tokens=speed.gen_tokens,
+                                 pad_token_id=eos)
+            elapsed = time.perf_counter() - t0
+        return (out.shape[1] - 1) / elapsed
+
+    pp(), tg()  # warm-up
+    pp_runs = [pp() for _ in range(speed.runs)]
+    tg_runs = [tg() for _ in range(speed.runs)]
+    return {"load_s": load_s, "prompt_tps": statistics.median(pp_runs), "gen_tps": statistics.median(tg_runs),
+            "prompt_tps_runs": pp_runs, "gen_tps_runs": tg_runs, "threads": threads,
+            "torch": torch.__version__}
+
+
+def run_id_of(gguf_sha: str, val_sha: str, params: ReferenceParams, template: str) -> str:
+    """An identifier of exactly what was measured: the reference model, the data and how it was scored."""
+    blob = json.dumps({"gguf": gguf_sha, "val": val_sha, "params": as_dict(params), "template": template},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_inputs(gguf: Path, merged: Path, val: Path) -> list[dict]:
+    """The validation records, once every input is known to be there (before any model is loaded)."""
+    records = read_val(val)
+    if not gguf.is_file():
+        raise StageError(f"reference model {gguf} not found (run the convert stage)")
+    if not (merged / "config.json").is_file():
+        raise StageError(f"merged checkpoint {merged} not found (run the merge stage)")
+    return records
+
+
+def run(params: ReferenceParams, template: str, threads: int, speed: "SpeedParams", gguf: Path, merged: Path,
+        val: Path, records: list[dict], out_dir: Path) -> dict:
+    records = records[:params.max_records] if params.max_records else records
+    tokenizer = _load_tokenizer(merged, template)
+    prompts = [render_record(template, r, tokenizer) for r in records]
+    n_gen = min(params.generate_records or len(records), len(records))
+    gguf_sha, val_sha = sha256_file(gguf), sha256_file(val)
+    arrays, n_vocab = score_reference(gguf, records, prompts, params, threads)
+    hf = hf_speed(merged, threads, speed)
+    run_id = run_id_of(gguf_sha, val_sha, params, template)
+    rows = [{"kind": "val", "id": i, "prompt": prompts[i], "reference": records[i]["output"]} for i in range(n_gen)]
+    rows += [{"kind": "showcase", "id": i, "instruction": text, "prompt": render(template, text, "", tokenizer),
+              "reference": None} for i, text in enumerate(params.showcase_prompts)]
+    meta = {
+        "run_id": run_id, "gguf": str(gguf), "gguf_sha256": gguf_sha, "val": str(val), "val_sha256": val_sha,
+        "records": len(records), "positions": int(len(arrays["target_logp"])), "n_vocab": n_vocab,
+        "prompt_template": template, "params": as_dict(params),
+    }
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        np.savez_compressed(tmp / "reference.npz", **arrays)
+        write_jsonl(tmp / "prompts.jsonl", rows)
+        write_json(tmp / "meta.json", meta)
+    from stages.metrics import perplexity
+
+    return {"run_id": run_id, "records": meta["records"], "positions": meta["positions"],
+            "generate_prompts": n_gen, "showcase_prompts": len(params.showcase_prompts),
+            "top_k": params.top_k, "reference_ppl": perplexity(arrays["target_logp"]),
+            "gguf_sha256": gguf_sha, "val_sha256": val_sha, "hf_fp32": hf}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--gguf", type=Path, required=True)
+    ap.add_argument("--merged", type=Path, required=True)
+    ap.add_argument("--val", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_section(ReferenceParams, "reference", args.params)
+    template = load_section(PromptParams, "prompt", args.params).template
+    from stages.eval_config import EvaluateParams
+
+    ev = load_section(EvaluateParams, "evaluate", args.params)
+    records = check_inputs(args.gguf, args.merged, args.val)
+    from stages.tracking import log_metrics, stage_run
+
+    with stage_run("reference", {"reference": as_dict(params), "prompt": {"template": template},
+                                 "evaluate": {"threads": ev.threads, "speed": as_dict(ev.speed)}}) as mlflow:
+        metrics = run(params, template, ev.threads, ev.speed, args.gguf, args.merged, args.val, records, args.out)
+        write_json(args.metrics, metrics)
+        log_metrics(mlflow, metrics)
+        mlflow.set_tags({"eval_run_id": metrics["run_id"]})
+        mlflow.log_artifact(str(args.out / "meta.json"))
+    log.info("reference %s: %d records, %d response positions, PPL %.3f; transformers fp32 %.1f gen tok/s",
+             metrics["run_id"], metrics["records"], metrics["positions"], metrics["reference_ppl"],
+             metrics["hf_fp32"]["gen_tps"])
+
+
+if __name__ == "__main__":
+    cli(main)

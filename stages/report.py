@@ -1,0 +1,411 @@
+"""report: reports/report.md with PNG plots beside it, from the evaluate metrics of every variant.
+
+Run: python -m stages.report --params params.yaml --evaluated reports/metrics/evaluate \
+         --reference reports/metrics/reference.json --generations reports/evaluate --loss reports/plots/finetune \
+         --out reports/report.md --figures reports/figures --table reports/plots/evaluate.csv \
+         --metrics reports/metrics/report.json
+
+The table (a row per variant), the quality/size and speed/size plots, the training loss curve, base vs
+fine-tuned answers to the fixed prompts, the environment, and each target of the project stated as met or
+missed with its numbers. Refuses metrics from different pipeline runs (their `run_id`s differ from the
+reference's) and names any variant without metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from stages.atomic import atomic_path, write_json, write_text
+from stages.config import load_section, read_params
+from stages.errors import StageError, cli
+from stages.eval_config import REFERENCE_VARIANT, EvaluateParams
+
+log = logging.getLogger("report")
+BASE_VARIANT = "base-f16"
+COMPARE_VARIANTS = (REFERENCE_VARIANT, "q4_0", "q2_k")  # answers to the first showcase prompt
+TARGET_Q8_KLD, TARGET_Q8_TOP1, TARGET_Q4_SPEEDUP = 0.005, 0.95, 5.0
+COLUMNS = [  # (csv key, table header, format)
+    ("variant", "variant", "{}"), ("size_mb", "size MB", "{:.1f}"), ("bits_per_weight", "bits/w", "{:.2f}"),
+    ("ppl", "PPL", "{:.3f}"), ("delta_ppl", "ΔPPL vs f16", "{:+.3f}"), ("kld_mean", "KLD mean", "{:.4g}"),
+    ("kld_p99", "KLD p99", "{:.4g}"), ("top1_pct", "top-1 %", "{:.2f}"), ("rms_dp_pct", "RMS Δp %", "{:.2f}"),
+    ("rouge_l", "ROUGE-L", "{:.3f}"), ("eos_pct", "EOS-stop %", "{:.0f}"), ("prompt_tps", "prompt tok/s", "{:.0f}"),
+    ("gen_tps", "gen tok/s", "{:.1f}"), ("load_s", "load s", "{:.2f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    reference: dict
+    variants: dict[str, dict]         # variant -> evaluate metrics, in evaluate.variants order
+    generations: dict[str, list[dict]]
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise StageError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise StageError(f"{what} {path} is not valid JSON ({exc})") from exc
+
+
+def load_inputs(variants: list[str], evaluated: Path, reference: Path, generations: Path) -> Inputs:
+    ref = _read_json(reference, "reference metrics")
+    found = {}
+    for v in variants:
+        path = evaluated / f"{v}.json"
+        if not path.is_file():
+            raise StageError(f"variant {v}: metrics {path} not found (run `dvc repro evaluate@{v}`)")
+        found[v] = _read_json(path, f"variant {v}: metrics")
+    mismatched = [(v, m.get("run_id")) for v, m in found.items() if m.get("run_id") != ref["run_id"]]
+    if mismatched:
+        v, rid = mismatched[0]
+        raise StageError(f"metrics from different pipeline runs: {evaluated / (v + '.json')} has run_id {rid}, "
+                         f"{reference} has {ref['run_id']} ({len(mismatched)} of {len(found)} variants differ); "
+                         f"rerun the evaluate stages (dvc repro)")
+    gens = {}
+    for v in variants:
+        path = generations / f"{v}.generations.jsonl"
+        if not path.is_file():
+            raise StageError(f"variant {v}: generations {path} not found (run `dvc repro evaluate@{v}`)")
+        gens[v] = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return Inputs(ref, found, gens)
+
+
+def table_rows(inputs: Inputs) -> list[dict]:
+    f16_ppl = inputs.variants[REFERENCE_VARIANT]["ppl"]
+    rows = []
+    for v, m in inputs.variants.items():
+        s = m["speed"]
+        rows.append({
+            "variant": v, "size_mb": m["size_mb"], "bits_per_weight": m["bits_per_weight"], "ppl": m["ppl"],
+            "delta_ppl": m["ppl"] - f16_ppl, "kld_mean": m["kld_mean"], "kld_p99": m["kld_p99"],
+            "top1_pct": 100 * m["top1_agreement"], "rms_dp_pct": 100 * m["rms_delta_p"],
+            "rouge_l": m["rouge_l_f1"] if m["rouge_l_f1"] is not None else float("nan"),
+            "eos_pct": 100 * m["eos_stop_share"], "prompt_tps": s["prompt_tps"], "gen_tps": s["gen_tps"],
+            "load_s": s["load_s"], "peak_rss_mb": s["peak_rss_mb"],
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    sep = "| " + " | ".join("---" if k == "variant" else "---:" for k, _, _ in COLUMNS) + " |"
+    body = ["| " + " | ".join(fmt.format(r[k]) for k, _, fmt in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def targets(inputs: Inputs) -> list[dict]:
+    """Each target of the project: met / missed / not measured, with the numbers."""
+    v, hf = inputs.variants, inputs.reference["hf_fp32"]
+    out = []
+    if BASE_VARIANT in v:
+        base, ft = v[BASE_VARIANT]["ppl"], v[REFERENCE_VARIANT]["ppl"]
+        out.append({"target": "fine-tuned response PPL below the base model's", "met": ft < base,
+                    "numbers": f"finetuned-f16 {ft:.3f} vs base-f16 {base:.3f}"})
+    else:
+        out.append({"target": "fine-tuned response PPL below the base model's", "met": None,
+                    "numbers": "base-f16 not evaluated"})
+    if "q8_0" in v:
+        kld, top1 = v["q8_0"]["kld_mean"], v["q8_0"]["top1_agreement"]
+        out.append({"target": f"q8_0 mean KLD ≤ {TARGET_Q8_KLD}", "met": kld <= TARGET_Q8_KLD,
+                    "numbers": f"{kld:.4g}"})
+        out.append({"target": f"q8_0 top-1 agreement ≥ {TARGET_Q8_TOP1:.0%}", "met": top1 >= TARGET_Q8_TOP1,
+                    "numbers": f"{100 * top1:.2f}%"})
+    else:
+        out.append({"target": "q8_0 KLD / top-1", "met": None, "numbers": "q8_0 not evaluated"})
+    if "q4_0" in v:
+        q4 = v["q4_0"]["speed"]["gen_tps"]
+        ratio = q4 / hf["gen_tps"]
+        out.append({"target": f"q4_0 generates ≥ {TARGET_Q4_SPEEDUP:.0f}× faster than transformers fp32",
+                    "met": ratio >= TARGET_Q4_SPEEDUP,
+                    "numbers": f"{q4:.1f} vs {hf['gen_tps']:.1f} tok/s = {ratio:.2f}×"})
+    else:
+        out.append({"target": "q4_0 speed-up over transformers fp32", "met": None, "numbers": "q4_0 not evaluated"})
+    return out
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both size and the quality loss (lower is better for both)."""
+    front, best = [], float("inf")
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot_quality(rows: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "kld_mean", "mean KLD vs finetuned-f16"), (axes[1], "ppl", "response PPL")):
+        pts = [(r["size_mb"], r[key]) for r in rows if r["variant"] != BASE_VARIANT]
+        ax.scatter(*zip(*pts), color="tab:blue")
+        front = _pareto(pts)
+        ax.plot(*zip(*front), color="tab:orange", lw=1, label="Pareto front")
+        for r in rows:
+            if r["variant"] == BASE_VARIANT:
+                ax.scatter([r["size_mb"]], [r[key]], color="tab:gray", marker="x", label="base-f16")
+            ax.annotate(r["variant"], (r["size_mb"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if key == "kld_mean":
+            ax.set_yscale("symlog", linthresh=1e-4)
+        ax.set_xlabel("GGUF size (MB)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Quality against size (lower-left is better)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_speed(rows: list[dict], hf: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.scatter([r["size_mb"] for r in rows], [r["gen_tps"] for r in rows], color="tab:green")
+    for r in rows:
+        ax.annotate(r["variant"], (r["size_mb"], r["gen_tps"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(hf["gen_tps"], color="tab:red", ls="--", lw=1, label=f"transformers fp32 ({hf['gen_tps']:.1f} tok/s)")
+    ax.set_xlabel("GGUF size (MB)")
+    ax.set_ylabel(f"generation tok/s ({hf['threads']} threads)")
+    ax.set_title("Generation speed against size (llama-cpp-python)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def read_loss(loss_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    """Loss series from the finetune stage's plot data (CSV/TSV/JSON rows with `step` and `*loss*` columns)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    if not loss_dir.is_dir():
+        return series
+    for path in sorted(loss_dir.iterdir()):
+        rows = _rows_of(path)
+        for row in rows:
+            step = row.get("step")
+            for key, value in row.items():
+                if "loss" in key and step not in (None, "") and value not in (None, ""):
+                    series.setdefault(f"{path.stem}: {key}", []).append((float(step), float(value)))
+    return series
+
+
+def _rows_of(path: Path) -> list[dict]:
+    try:
+        if path.suffix in (".csv", ".tsv"):
+            with path.open(encoding="utf-8") as fh:
+                return list(csv.DictReader(fh, delimiter="\t" if path.suffix == ".tsv" else ","))
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):  # {"train": [...]} as DVC also accepts
+                data = [r for v in data.values() if isinstance(v, list) for r in v]
+            return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+    except (OSError, ValueError):
+        log.warning("skipping unreadable loss data %s", path)
+    return []
+
+
+def plot_loss(series: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, pts in series.items():
+        ax.plot(*zip(*sorted(pts)), label=name, marker="." if len(pts) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Fine-tuning loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cell(text: str) -> str:
+    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"
+
+
+def showcase(inputs: Inputs) -> str:
+    def answers(v: str) -> dict[int, dict]:
+        return {r["id"]: r for r in inputs.generations.get(v, []) if r["kind"] == "showcase"}
+
+    ft = answers(REFERENCE_VARIANT)
+    base = answers(BASE_VARIANT) if BASE_VARIANT in inputs.variants else {}
+    lines = ["| prompt | base-f16 | finetuned-f16 |", "| --- | --- | --- |"]
+    for i, row in sorted(ft.items()):
+        b = base.get(i, {}).get("text", "*(base-f16 not evaluated)*")
+        lines.append(f"| {_cell(row['instruction'] or '')} | {_cell(b)} | {_cell(row['text'])} |")
+    present = [v for v in COMPARE_VARIANTS if v in inputs.variants]
+    first = min(ft) if ft else None
+    if first is not None:
+        lines += ["", f"The same first prompt, *{ft[first]['instruction']}*, across quantization levels:", "",
+                  "| " + " | ".join(present) + " |", "| " + " | ".join("---" for _ in present) + " |",
+                  "| " + " | ".join(_cell(answers(v)[first]["text"]) for v in present) + " |"]
+    return "\n".join(lines)
+
+
+def _pkg(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def environment(inputs: Inputs) -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    any_variant = next(iter(inputs.variants.values()))
+    return {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": any_variant["speed"]["threads"],
+        "python": platform.python_version(), "platform": platform.platform(),
+        **any_variant["llama_cpp"],
+        **{p: _pkg(p) for p in ("torch", "transformers", "numpy", "rouge-score", "gguf", "dvc", "mlflow")},
+    }
+
+
+def render(inputs: Inputs, rows: list[dict], goals: list[dict], env: dict, figures: dict[str, str],
+           loss_note: str) -> str:
+    ref, hf = inputs.reference, inputs.reference["hf_fp32"]
+    marks = {True: "**met**", False: "**missed**", None: "not measured"}
+    any_v = next(iter(inputs.variants.values()))
+    s = any_v["speed"]
+    out = [
+        "# Evaluation report", "",
+        f"Run `{ref['run_id']}`: {ref['records']} held-out records, {ref['positions']} response tokens scored "
+        f"(prompt masked); KLD, top-1 and Δp against finetuned-f16 (llama.cpp f16 logits, reference top-"
+        f"{ref['top_k']} + exact rest mass, see README); greedy answers to {ref['generate_prompts']} validation "
+        f"and {ref['showcase_prompts']} fixed prompts, at most {any_v['max_new_tokens']} new tokens. "
+        f"Speed: llama-cpp-python, {s['threads']} threads, median of {s['runs']} runs after a warm-up, "
+        f"prompt {s['prompt_tokens']} tokens, generation {s['gen_tokens']} tokens.", "",
+        "## Targets", "",
+        *[f"- {marks[g['met']]}: {g['target']} — {g['numbers']}" for g in goals], "",
+        "## Variants", "", markdown_table(rows), "",
+        f"transformers fp32 `generate` on models/merged ({hf['threads']} threads): prompt "
+        f"{hf['prompt_tps']:.0f} tok/s, generation {hf['gen_tps']:.1f} tok/s, load {hf['load_s']:.2f} s.", "",
+        "Reading it: ΔPPL and KLD measure how far a variant's next-token distributions move from finetuned-f16 "
+        "(0 for finetuned-f16 itself); top-1 % is how often it picks the same most likely token; RMS Δp is the "
+        "typical change in the correct token's probability. base-f16 is a different model, so its KLD is what "
+        "fine-tuning changed, not quantization error.", "",
+        "## Plots", "",
+        f"![quality against size]({figures['quality']})", "",
+        f"![generation speed against size]({figures['speed']})", "",
+        f"![training loss]({figures['loss']})" if "loss" in figures else loss_note, "",
+        "## Base vs fine-tuned", "", showcase(inputs), "",
+        "## Environment", "",
+        *[f"- {k}: `{v}`" for k, v in env.items()], "",
+    ]
+    return "\n".join(out)
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[k for k, _, _ in COLUMNS])
+        writer.writeheader()
+        writer.writerows([{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+
+
+def missing_quant_types(params_path: str, variants: list[str]) -> list[str]:
+    """quantize.types entries with no evaluate variant (when a quantize section exists)."""
+    types = (read_params(params_path).get("quantize") or {}).get("types") or []
+    return [t for t in types if t not in variants]
+
+
+def run(params_path: str, evaluated: Path, reference: Path, generations: Path, loss_dir: Path, out: Path,
+        figures_dir: Path, table: Path) -> dict:
+    params = load_section(EvaluateParams, "evaluate", params_path)
+    variants = list(params.variants)
+    left_out = missing_quant_types(params_path, variants)
+    if left_out:
+        raise StageError(f"quantize.types has {left_out[0]!r} but evaluate.variants does not: add "
+                         f"'{left_out[0]}: model-{left_out[0]}' to evaluate.variants")
+    inputs = load_inputs(variants, evaluated, reference, generations)
+    rows = table_rows(inputs)
+    goals = targets(inputs)
+    env = environment(inputs)
+    series = read_loss(loss_dir)
+    rel = os.path.relpath(figures_dir, out.parent)
+    figures = {"quality": f"{rel}/quality_vs_size.png", "speed": f"{rel}/speed_vs_size.png"}
+    with atomic_path(figures_dir) as tmp:
+        tmp.mkdir()
+        plot_quality(rows, tmp / "quality_vs_size.png")
+        plot_speed(rows, inputs.reference["hf_fp32"], tmp / "speed_vs_size.png")
+        if series:
+            plot_loss(series, tmp / "training_loss.png")
+            figures["loss"] = f"{rel}/training_loss.png"
+    note = f"*No training loss curve: no loss data found in {loss_dir}/ (the finetune stage writes it).*"
+    write_text(out, render(inputs, rows, goals, env, figures, note))
+    write_table(rows, table)
+    return {"run_id": inputs.reference["run_id"], "variants": len(rows),
+            "targets_met": sum(g["met"] is True for g in goals), "targets_missed": sum(g["met"] is False for g in goals),
+            "targets": {g["target"]: g["met"] for g in goals}}
+
+
+def attach_to_variant_runs(mlflow, run_id: str, files: list[Path]) -> int:
+    """Log the report onto the newest evaluate run of each variant measured under `run_id`."""
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([mlflow.active_run().info.experiment_id], f"tags.dvc_stage = 'evaluate' and tags.eval_run_id = '{run_id}'",
+                              order_by=["attributes.start_time DESC"])
+    seen = set()
+    for r in runs:
+        variant = r.data.tags.get("variant")
+        if variant in seen:
+            continue
+        seen.add(variant)
+        for f in files:
+            client.log_artifact(r.info.run_id, str(f))
+    return len(seen)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--evaluated", type=Path, required=True)
+    ap.add_argument("--reference", type=Path, required=True)
+    ap.add_argument("--generations", type=Path, required=True)
+    ap.add_argument("--loss", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--figures", type=Path, required=True)
+    ap.add_argument("--table", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from stages.tracking import log_metrics, stage_run
+
+    with stage_run("report", {"evaluated": str(args.evaluated)}) as mlflow:
+        metrics = run(args.params, args.evaluated, args.reference, args.generations, args.loss, args.out,
+                      args.figures, args.table)
+        write_json(args.metrics, metrics)
+        log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "targets"})
+        mlflow.set_tags({"eval_run_id": metrics["run_id"]})
+        mlflow.log_artifact(str(args.out))
+        mlflow.log_artifacts(str(args.figures), artifact_path="figures")
+        attached = attach_to_variant_runs(mlflow, metrics["run_id"], [args.out])
+    log.info("wrote %s (%d variants; targets met %d, missed %d); report attached to %d variant runs", args.out,
+             metrics["variants"], metrics["targets_met"], metrics["targets_missed"], attached)
+
+
+if __name__ == "__main__":
+    cli(main)
