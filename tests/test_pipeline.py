@@ -17,7 +17,19 @@ def dvc(repo, *args, check=True):
     return proc
 
 
+def shrink_finetune(repo) -> None:
+    """One optimizer step of 4 samples: the pipeline runs through finetune on the real model, quickly."""
+    import yaml
+
+    path = repo / "params.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["finetune"].update(batch_size=4, micro_batch_size=4, max_steps=1, warmup_steps=0, eval_steps=1,
+                           save_steps=1)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
 def test_repro_on_embedded_model_then_noop(repo_copy):
+    shrink_finetune(repo_copy)
     dvc(repo_copy, "repro")
     base = json.loads((repo_copy / "reports/metrics/base.json").read_text())
     assert base["architecture"] == "llama" and base["source_kind"] == "builtin"
@@ -25,6 +37,9 @@ def test_repro_on_embedded_model_then_noop(repo_copy):
     prep = json.loads((repo_copy / "reports/metrics/prepare.json").read_text())
     assert prep["offline_fallback"] is True and prep["train_records"] + prep["val_records"] >= 150
     assert (repo_copy / "models/base/model.safetensors").is_file()
+    tuned = json.loads((repo_copy / "reports/metrics/finetune.json").read_text())
+    assert tuned["steps"] == 1 and tuned["eval_loss"] > 0 and tuned["adapter_max_abs_lora_b"] > 0
+    assert (repo_copy / "models/adapter/adapter_model.safetensors").is_file()
 
     second = dvc(repo_copy, "repro")
     assert "Running stage" not in second.stdout, second.stdout
