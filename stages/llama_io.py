@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from stages.errors import StageError
+from stages.gguf_io import check_gguf
 from stages.metrics import log_probs
 
 # A fixed English filler for the speed prompts (llama-bench uses random tokens; content does not change speed).
@@ -30,8 +31,7 @@ def open_gguf(path: str | Path, *, threads: int, n_ctx: int = 2048, logits_all: 
     from llama_cpp import Llama
 
     path = Path(path)
-    if not path.is_file():
-        raise StageError(f"GGUF file {path} not found")
+    check_gguf(path)  # missing, truncated or non-GGUF files: one-line errors, never a crash inside llama.cpp
     try:
         return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
                      n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0)
