@@ -43,16 +43,25 @@ def run_module(module: str, *args: str, cwd: Path = ROOT, env: dict | None = Non
                           text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def git_identity():
+    """Tests commit in temp repos (and `dvc exp run` commits too): give git an identity on any machine."""
+    for key, value in (("GIT_AUTHOR_NAME", "tests"), ("GIT_AUTHOR_EMAIL", "tests@localhost"),
+                       ("GIT_COMMITTER_NAME", "tests"), ("GIT_COMMITTER_EMAIL", "tests@localhost")):
+        os.environ.setdefault(key, value)
+
+
+def copy_repo(dst: Path) -> Path:
+    """A copy of the working tree (no outputs, caches or venv) turned into its own git repo, as DVC needs."""
+    shutil.copytree(ROOT, dst, ignore=COPY_IGNORE)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+    return dst
+
+
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
-    """A copy of the working tree (no outputs) turned into its own git repo, as DVC needs."""
-    dst = tmp_path / "repo"
-    shutil.copytree(ROOT, dst, ignore=COPY_IGNORE)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dst, check=True, env=env)
-    return dst
+    return copy_repo(tmp_path / "repo")
 
 
 @pytest.fixture(scope="session")

@@ -1,85 +1,156 @@
-"""End to end: `dvc repro` of the pipeline on the real embedded model, in a temp copy of the repo."""
+"""End to end on the real embedded model: `dvc repro` of the whole pipeline in a temp copy of the repo, once,
+with every stage shrunk to a few prompts/tokens (same code paths, smaller loops). Then: a second repro is a
+no-op, a param change invalidates exactly the downstream stages, MLflow groups the runs, an experiment shows
+in `dvc exp show` and MLflow, outputs round-trip through a DVC remote, and `make generate` prints text."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 
 import pytest
+import yaml
+
+from stages.atomic import sha256_file
+from tests.conftest import copy_repo
 
 pytestmark = pytest.mark.slow
+SMALL_QUANTS = ["q8_0", "q4_0"]
 
 
 def dvc(repo, *args, check=True):
     proc = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, timeout=3600,
-                          env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"})
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"})
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
-def shrink_finetune(repo) -> None:
-    """One optimizer step of 4 samples: the pipeline runs through finetune on the real model, quickly."""
-    import yaml
-
+def shrink(repo) -> None:
+    """Same stages and gates, small loops: one 4-sample optimizer step, 2 quant levels, 2-3 prompts each."""
     path = repo / "params.yaml"
     doc = yaml.safe_load(path.read_text())
     doc["finetune"].update(batch_size=4, micro_batch_size=4, max_steps=1, warmup_steps=0, eval_steps=1,
                            save_steps=1)
+    doc["export"].update(gate_prompts=2, gate_max_tokens=64)
+    doc["convert"].update(gate_prompts=2, gate_max_tokens=64)
+    doc["quantize"]["types"] = SMALL_QUANTS
+    doc["reference"].update(max_records=3, max_response_tokens=32, generate_records=2,
+                            showcase_prompts=doc["reference"]["showcase_prompts"][:2])
+    doc["evaluate"]["variants"] = {k: v for k, v in doc["evaluate"]["variants"].items()
+                                   if k in ("base-f16", "finetuned-f16", *SMALL_QUANTS)}
+    doc["evaluate"].update(max_new_tokens=16)
+    doc["evaluate"]["speed"].update(prompt_tokens=64, gen_tokens=16, runs=3)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def test_repro_on_embedded_model_then_noop(repo_copy):
-    shrink_finetune(repo_copy)
-    dvc(repo_copy, "repro")
-    base = json.loads((repo_copy / "reports/metrics/base.json").read_text())
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, git_identity):
+    repo = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    shrink(repo)
+    subprocess.run(["git", "commit", "-qam", "shrink"], cwd=repo, check=True, capture_output=True)
+    dvc(repo, "repro")
+    return repo
+
+
+def metrics(repo, name):
+    return json.loads((repo / "reports/metrics" / name).read_text())
+
+
+def test_every_stage_ran_and_its_gates_passed(pipeline):
+    base = metrics(pipeline, "base.json")
     assert base["architecture"] == "llama" and base["source_kind"] == "builtin"
     assert 130e6 < base["parameters"] < 140e6 and base["vocab_size"] == 49152
-    prep = json.loads((repo_copy / "reports/metrics/prepare.json").read_text())
+    prep = metrics(pipeline, "prepare.json")
     assert prep["offline_fallback"] is True and prep["train_records"] + prep["val_records"] >= 150
-    assert (repo_copy / "models/base/model.safetensors").is_file()
-    tuned = json.loads((repo_copy / "reports/metrics/finetune.json").read_text())
+    tuned = metrics(pipeline, "finetune.json")
     assert tuned["steps"] == 1 and tuned["eval_loss"] > 0 and tuned["adapter_max_abs_lora_b"] > 0
-    assert (repo_copy / "models/adapter/adapter_model.safetensors").is_file()
+    assert metrics(pipeline, "merge.json")["gates_passed"] is True
+    assert metrics(pipeline, "consolidate.json")["gates_passed"] is True
+    for source in ("base", "finetuned"):
+        conv = metrics(pipeline, f"convert/{source}.json")
+        assert conv["gates_passed"] is True
+    f16 = (pipeline / "models/gguf/model-f16.gguf").stat().st_size
+    sizes = [(pipeline / f"models/gguf/model-{q}.gguf").stat().st_size for q in SMALL_QUANTS]
+    assert f16 > sizes[0] > sizes[1]
+    assert (pipeline / "models/gguf/model-q4_0.Modelfile").read_text().startswith("FROM ")
+    for variant in ("base-f16", "finetuned-f16", *SMALL_QUANTS):
+        ev = metrics(pipeline, f"evaluate/{variant}.json")
+        assert ev["variant"] == variant
+    report = (pipeline / "reports/report.md").read_text()
+    assert "Building a website can be done in 10 simple steps:" in report and "q4_0" in report
 
-    second = dvc(repo_copy, "repro")
+
+def test_second_repro_is_a_noop(pipeline):
+    second = dvc(pipeline, "repro")
     assert "Running stage" not in second.stdout, second.stdout
 
-    # A data.* change reruns prepare (and what depends on it), not base.
-    params = repo_copy / "params.yaml"
-    params.write_text(params.read_text().replace("seed: 42", "seed: 7", 1))
-    third = dvc(repo_copy, "repro")
-    assert "Running stage 'prepare'" in third.stdout and "Running stage 'base'" not in third.stdout
+
+def test_param_change_invalidates_exactly_the_downstream_stages(pipeline):
+    params = pipeline / "params.yaml"
+    original = params.read_text()
+    try:
+        doc = yaml.safe_load(original)
+        doc["finetune"]["lora"]["r"] = 16
+        params.write_text(yaml.safe_dump(doc, sort_keys=False))
+        stale = set(json.loads(dvc(pipeline, "status", "--json").stdout))
+        fresh = {"base", "prepare", "convert@base"}
+        assert stale and not stale & fresh, stale
+        assert {"finetune", "merge", "convert@finetuned", "quantize@q4_0", "reference", "report"} <= stale
+    finally:
+        params.write_text(original)
+    assert json.loads(dvc(pipeline, "status", "--json").stdout) == {}
 
 
-def test_mlflow_records_stage_runs_grouped(repo_copy):
-    dvc(repo_copy, "repro", "prepare")
+def test_mlflow_groups_stage_and_variant_runs(pipeline):
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo_copy}/mlflow.db")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline}/mlflow.db")
     exp = client.get_experiment_by_name("alpaca-lora-cpu")
     runs = client.search_runs([exp.experiment_id])
-    stages = [r for r in runs if r.data.tags.get("kind") == "stage"]
     parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
-    assert {r.data.tags["dvc_stage"] for r in stages} >= {"prepare"}
+    stages = [r for r in runs if r.data.tags.get("kind") == "stage"]
     assert len(parents) == 1
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in stages)
+    names = {r.data.tags["dvc_stage"] for r in stages}
+    assert {"base", "prepare", "finetune", "merge", "convert", "quantize", "reference", "evaluate",
+            "report"} <= {n.split("@")[0] for n in names}
+    assert len([r for r in stages if r.data.tags["dvc_stage"].startswith("evaluate")]) == 4
     prep = next(r for r in stages if r.data.tags["dvc_stage"] == "prepare")
-    assert prep.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert prep.data.params["data.fraction"] == "0.01"
     assert prep.data.tags["source_used"] == "data/sample/alpaca_sample.json"
     assert len(prep.data.tags["git_commit"]) >= 40
 
 
-def test_dvc_experiment_shows_in_dvc_and_mlflow(repo_copy):
-    dvc(repo_copy, "exp", "run", "prepare", "-S", "data.seed=7", "--name", "seed7")
-    shown = dvc(repo_copy, "exp", "show", "--json").stdout
-    assert "seed7" in shown and '"seed": 7' in shown.replace("\n", " ").replace("  ", " ")
+def test_make_generate_prints_a_completion(pipeline):
+    proc = subprocess.run(["make", "generate", "QUANT=q4_0", "N=16", "STAMP=/dev/null"], cwd=pipeline,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.strip()) > 0
+
+
+def test_dvc_push_pull_round_trip(pipeline, tmp_path):
+    before = {p: sha256_file(pipeline / p) for p in ("models/adapter/adapter_model.safetensors",
+                                                    "models/gguf/model-q4_0.gguf", "data/prepared/train.jsonl")}
+    dvc(pipeline, "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    dvc(pipeline, "push")
+    for p in ("models", "data/prepared", ".dvc/cache"):
+        shutil.rmtree(pipeline / p)
+    dvc(pipeline, "pull")
+    assert {p: sha256_file(pipeline / p) for p in before} == before
+    assert json.loads(dvc(pipeline, "status", "--json").stdout) == {}
+
+
+def test_experiment_shows_in_dvc_and_mlflow(pipeline):
+    dvc(pipeline, "exp", "run", "prepare", "-S", "data.seed=7", "--name", "seed7")
+    shown = dvc(pipeline, "exp", "show", "--json").stdout
+    assert "seed7" in shown
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo_copy}/mlflow.db")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline}/mlflow.db")
     exp = client.get_experiment_by_name("alpaca-lora-cpu")
     runs = client.search_runs([exp.experiment_id], "tags.dvc_exp_name = 'seed7' and tags.kind = 'stage'")
-    assert len(runs) == 1
-    tags = runs[0].data.tags
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_copy, capture_output=True, text=True).stdout
-    assert tags["git_commit"].startswith(head.strip()) and tags["dvc_lock"]
-    assert runs[0].data.params["data.seed"] == "7"
+    assert len(runs) == 1 and runs[0].data.params["data.seed"] == "7"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=pipeline, capture_output=True, text=True).stdout
+    assert runs[0].data.tags["git_commit"].startswith(head.strip()) and runs[0].data.tags["dvc_lock"]
