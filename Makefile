@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 
-.PHONY: help setup repro test mlflow-ui mlflow-server lock clean-venv bench-finetune generate generate-all chat serve bench-infer report
+.PHONY: help setup repro test mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report
 
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -35,6 +35,12 @@ test: $(STAMP) ## Run the test suite
 	python -m pytest
 
 BENCH_SAMPLES ?= 16
+verify-repro: $(STAMP) ## Reproducibility checks: no-op re-run, downstream-only reruns, same seed → same data and adapter, experiments in MLflow
+	python -m pytest -m repro
+
+verify-failure: $(STAMP) ## Failure injection: kill -9 each heavy stage mid-way and rerun; concurrent repro refused; bad-input matrix
+	python -m pytest -m failure
+
 bench-finetune: $(STAMP) ## Benchmark the finetune stage vs alpaca-lora's loop on CPU (BENCH_SAMPLES=16)
 	dvc repro base prepare
 	python -m benchmarks.bench_finetune --samples $(BENCH_SAMPLES) --levers --json reports/bench-finetune.json

@@ -82,11 +82,13 @@ def test_every_stage_ran_and_its_gates_passed(pipeline):
     assert "Building a website can be done in 10 simple steps:" in report and "q4_0" in report
 
 
+@pytest.mark.repro
 def test_second_repro_is_a_noop(pipeline):
     second = dvc(pipeline, "repro")
     assert "Running stage" not in second.stdout, second.stdout
 
 
+@pytest.mark.repro
 def test_param_change_invalidates_exactly_the_downstream_stages(pipeline):
     params = pipeline / "params.yaml"
     original = params.read_text()
@@ -142,6 +144,7 @@ def test_dvc_push_pull_round_trip(pipeline, tmp_path):
     assert json.loads(dvc(pipeline, "status", "--json").stdout) == {}
 
 
+@pytest.mark.repro
 def test_experiment_shows_in_dvc_and_mlflow(pipeline):
     dvc(pipeline, "exp", "run", "prepare", "-S", "data.seed=7", "--name", "seed7")
     shown = dvc(pipeline, "exp", "show", "--json").stdout
