@@ -30,6 +30,15 @@ DELETE = object()
 OUT_ARGS = {
     "stages.prepare": ("--out", "{tmp}/out/prepared", "--metrics", "{tmp}/out/prepare.json"),
     "stages.base": ("--out", "{tmp}/out/base", "--metrics", "{tmp}/out/base.json"),
+    "stages.finetune": ("--base", "{model}", "--data", "{data}", "--out", "{tmp}/out/adapter", "--checkpoints",
+                        "{tmp}/out/ckpt", "--metrics", "{tmp}/out/finetune.json", "--plots", "{tmp}/out/plots"),
+    "stages.merge": ("--base", "{model}", "--adapter", "{adapter}", "--val", "{data}/val.jsonl", "--out",
+                     "{tmp}/out/merged", "--metrics", "{tmp}/out/merge.json"),
+    "stages.quantize": ("--type", "{qtype}", "--src", "{gguf}", "--out", "{tmp}/out/m.gguf", "--modelfile",
+                        "{tmp}/out/m.Modelfile", "--metrics", "{tmp}/out/q.json"),
+    "stages.generate": ("--model", "{gguf}", "--prompt", "hi", "-n", "4"),
+    "stages.evaluate": ("--variant", "q4_0", "--gguf", "{gguf}", "--reference", "{tmp}/ref", "--metrics",
+                        "{tmp}/out/e.json", "--generations", "{tmp}/out/e.jsonl"),
 }
 
 
@@ -87,10 +96,86 @@ CASES = [
 ]
 
 
+def llama_config_folder(tmp: Path) -> str:
+    """A LLaMA config (no weights): enough for every check that runs before weights load."""
+    folder = tmp / "llama"
+    folder.mkdir(exist_ok=True)
+    write(folder, "config.json", json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}))
+    return str(folder)
+
+
+def llama_weights_folder(tmp: Path) -> str:
+    """A real (random, tiny) LLaMA checkpoint, for stages that read weights before the bad input."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256)
+    LlamaForCausalLM(config).save_pretrained(tmp / "llama_w")
+    return str(tmp / "llama_w")
+
+
+def prepared_data(tmp: Path, n_train: int = 8, n_val: int = 2) -> str:
+    folder = tmp / "data"
+    folder.mkdir(exist_ok=True)
+    recs = make_records(n_train + n_val)
+    write(folder, "train.jsonl", "".join(json.dumps(r) + "\n" for r in recs[:n_train]))
+    write(folder, "val.jsonl", "".join(json.dumps(r) + "\n" for r in recs[n_train:]))
+    return str(folder)
+
+
+def finetune_inputs(n_train: int = 8):
+    return lambda tmp: {"{model}": llama_config_folder(tmp), "{data}": prepared_data(tmp, n_train)}
+
+
+def merge_inputs(adapter_files: dict[str, str | bytes]):
+    def setup(tmp: Path) -> dict:
+        adapter = tmp / "adapter"
+        adapter.mkdir()
+        for name, content in adapter_files.items():
+            write(adapter, name, content)
+        return {"{model}": llama_weights_folder(tmp), "{data}": prepared_data(tmp), "{adapter}": str(adapter)}
+    return setup
+
+
+def gguf_file(content: bytes, qtype: str = "q4_0"):
+    return lambda tmp: {"{gguf}": str(write(tmp, "model.gguf", content)), "{qtype}": qtype}
+
+
+ADAPTER_CONFIG = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+                             "base_model_name_or_path": "x"})
+GGUF_HEAD_ONLY = b"GGUF\x03\x00\x00\x00" + b"\x00" * 8
+
+CASES += [
+    Case("finetune-r-zero", "stages.finetune", r"finetune\.lora\.r must be", {"finetune.lora.r": 0},
+         setup=finetune_inputs()),
+    Case("finetune-dropout-one", "stages.finetune", r"finetune\.lora\.dropout", {"finetune.lora.dropout": 1.0},
+         setup=finetune_inputs()),
+    Case("finetune-batch-not-multiple", "stages.finetune", r"batch_size", {"finetune.batch_size": 6},
+         setup=finetune_inputs()),
+    Case("finetune-unknown-target-module", "stages.finetune", r"q_projj.*(q_proj|linear)",
+         {"finetune.lora.target_modules": ["q_projj"]}, setup=finetune_inputs()),
+    Case("finetune-cutoff-too-small", "stages.finetune", r"cutoff_len", {"finetune.cutoff_len": 8},
+         setup=finetune_inputs()),
+    Case("finetune-empty-train-split", "stages.finetune", r"(?i)empty|no .*record", setup=finetune_inputs(0)),
+    Case("merge-missing-adapter", "stages.merge", r"(?i)adapter", setup=merge_inputs({})),
+    Case("merge-corrupt-adapter", "stages.merge", r"(?i)adapter",
+         setup=merge_inputs({"adapter_config.json": ADAPTER_CONFIG, "adapter_model.safetensors": b"\x00garbage"})),
+    Case("quantize-unknown-type", "stages.quantize", r"q9_9.*(q4_0|valid)", setup=gguf_file(b"GGUF", "q9_9")),
+    Case("generate-not-a-gguf", "stages.generate", r"not a GGUF file", setup=gguf_file(b"PK\x03\x04zip")),
+    Case("generate-truncated-gguf", "stages.generate", r"(?i)damaged|truncated", setup=gguf_file(GGUF_HEAD_ONLY)),
+    Case("evaluate-missing-variant-file", "stages.evaluate", r"variant q4_0: GGUF file .*nope\.gguf not found",
+         setup=lambda tmp: {"{gguf}": str(tmp / "nope.gguf")}),
+]
+
+
 def patched_params(tmp: Path, changes: dict) -> Path:
     doc = yaml.safe_load((ROOT / "params.yaml").read_text())
     for dotted, value in changes.items():
-        if dotted.startswith("_"):
+        if dotted.startswith(("_", "{")):
             continue
         *parents, key = dotted.split(".")
         node = doc
@@ -110,7 +195,10 @@ def test_bad_input(case: Case, tmp_path: Path):
     extra = case.setup(tmp_path) if case.setup else {}
     params = patched_params(tmp_path, {**case.params, **extra})
     args = case.args or OUT_ARGS[case.module]
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    fills = {"{tmp}": str(tmp_path), **{k: v for k, v in extra.items() if k.startswith("{")}}
+    args = [a for a in args]
+    for key, value in fills.items():
+        args = [a.replace(key, value) for a in args]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     proc = run_module(case.module, "--params", str(params), *args,
                       env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "HF_HUB_OFFLINE": "1"})
