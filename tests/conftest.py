@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# What a copy of the repo needs; outputs, caches and the venv stay behind.
-COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "models", "prepared", "mlflow.db", "mlruns", "mlartifacts",
+# What a copy of the repo needs; outputs (incl. the committed report snapshot), caches and the venv stay behind.
+COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "models", "prepared", "reports", "mlflow.db", "mlruns", "mlartifacts",
                                      "__pycache__", ".pytest_cache", "*.tmp", "cache", "tmp")
 
 
