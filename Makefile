@@ -14,6 +14,15 @@ MLFLOW_PORT ?= 5000
 
 .PHONY: help setup repro test mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report
 
+# make generate / chat / serve / bench-infer: which GGUF (models/gguf/model-$(QUANT).gguf; QUANT=f16 is the reference)
+QUANT ?= q4_0
+N ?= 128
+PROMPT ?= Building a website can be done in 10 simple steps:
+RAW ?=
+PORT ?= 8000
+export PROMPT
+GGUF = models/gguf/model-$(QUANT).gguf
+
 help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -58,9 +67,8 @@ chat: $(STAMP) ## Interactive REPL on models/gguf/model-$(QUANT).gguf, streaming
 serve: $(STAMP) ## OpenAI-compatible server for models/gguf/model-$(QUANT).gguf on 127.0.0.1:$(PORT)
 	python -m stages.serve --model $(GGUF) --port $(PORT)
 
-QUANT ?= q4_0
 bench-infer: $(STAMP) ## llama-cpp-python generation tok/s of models/gguf/model-$(QUANT).gguf vs the memory-bandwidth bound (QUANT=q4_0)
-	python -m stages.bench_infer --params params.yaml --gguf models/gguf/model-$(QUANT).gguf
+	python -m stages.bench_infer --params params.yaml --gguf $(GGUF)
 
 report: $(STAMP) ## Re-run evaluate (every variant) and write reports/report.md with its plots
 	PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro report

@@ -74,7 +74,8 @@ def test_every_stage_ran_and_its_gates_passed(pipeline):
     f16 = (pipeline / "models/gguf/model-f16.gguf").stat().st_size
     sizes = [(pipeline / f"models/gguf/model-{q}.gguf").stat().st_size for q in SMALL_QUANTS]
     assert f16 > sizes[0] > sizes[1]
-    assert (pipeline / "models/gguf/model-q4_0.Modelfile").read_text().startswith("FROM ")
+    modelfile = (pipeline / "models/gguf/model-q4_0.Modelfile").read_text().splitlines()
+    assert "FROM ./model-q4_0.gguf" in modelfile
     for variant in ("base-f16", "finetuned-f16", *SMALL_QUANTS):
         ev = metrics(pipeline, f"evaluate/{variant}.json")
         assert ev["variant"] == variant
@@ -96,10 +97,9 @@ def test_param_change_invalidates_exactly_the_downstream_stages(pipeline):
         doc = yaml.safe_load(original)
         doc["finetune"]["lora"]["r"] = 16
         params.write_text(yaml.safe_dump(doc, sort_keys=False))
-        stale = set(json.loads(dvc(pipeline, "status", "--json").stdout))
-        fresh = {"base", "prepare", "convert@base"}
-        assert stale and not stale & fresh, stale
-        assert {"finetune", "merge", "convert@finetuned", "quantize@q4_0", "reference", "report"} <= stale
+        # Only finetune is invalidated directly; DVC then reruns what depends on its output, never base,
+        # prepare or convert@base.
+        assert set(json.loads(dvc(pipeline, "status", "--json").stdout)) == {"finetune"}
     finally:
         params.write_text(original)
     assert json.loads(dvc(pipeline, "status", "--json").stdout) == {}
@@ -126,7 +126,8 @@ def test_mlflow_groups_stage_and_variant_runs(pipeline):
 
 
 def test_make_generate_prints_a_completion(pipeline):
-    proc = subprocess.run(["make", "generate", "QUANT=q4_0", "N=16", "STAMP=/dev/null"], cwd=pipeline,
+    # -o: the copy has no .venv of its own; the test already runs inside the project's venv.
+    proc = subprocess.run(["make", "-o", ".venv/.installed", "generate", "QUANT=q4_0", "N=16"], cwd=pipeline,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.strip()) > 0
@@ -137,8 +138,10 @@ def test_dvc_push_pull_round_trip(pipeline, tmp_path):
                                                     "models/gguf/model-q4_0.gguf", "data/prepared/train.jsonl")}
     dvc(pipeline, "remote", "add", "-d", "local", str(tmp_path / "remote"))
     dvc(pipeline, "push")
-    for p in ("models", "data/prepared", ".dvc/cache"):
-        shutil.rmtree(pipeline / p)
+    # Everything DVC caches goes; the persisted, uncached checkpoint folder stays as on any machine.
+    cached = [p for p in (pipeline / "models").iterdir() if p.name != "checkpoints"]
+    for p in (*cached, pipeline / "data/prepared", pipeline / ".dvc/cache"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     dvc(pipeline, "pull")
     assert {p: sha256_file(pipeline / p) for p in before} == before
     assert json.loads(dvc(pipeline, "status", "--json").stdout) == {}
