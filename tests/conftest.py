@@ -54,7 +54,10 @@ def git_identity():
 def copy_repo(dst: Path) -> Path:
     """A copy of the working tree (no outputs, caches or venv) turned into its own git repo, as DVC needs."""
     shutil.copytree(ROOT, dst, ignore=COPY_IGNORE)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+    # A repo-local identity too: `dvc exp run` commits through its own git backend, which may ignore GIT_* vars.
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "tests"],
+                ["git", "config", "user.email", "tests@localhost"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
     return dst
 
