@@ -10,8 +10,9 @@ The recipe is tloen/alpaca-lora's finetune.py (Hugging Face Trainer + PEFT LoRA,
 names), made correct and faster on CPU: every example ends with the tokenizer's EOS (its label is never masked,
 even though pad == eos), labels are built explicitly instead of from `input_ids == pad`, the loss is taken on
 response tokens only when `train_on_inputs` is false (and the 49k-vocab logits are computed only there),
-batches are grouped by length. Checkpoints every `save_steps` go to a DVC `persist` folder; a rerun resumes
-from the newest complete one whose configuration matches. The final eval loss is the token-weighted mean over
+and with `packing` each micro-batch is one padding-free row with per-example attention (stages/packing.py).
+Checkpoints every `save_steps` go to a DVC `persist` folder; a rerun resumes from the newest complete one
+whose configuration matches. The final eval loss is the token-weighted mean over
 the validation responses (prompt tokens never count), so it is comparable across `train_on_inputs` settings.
 """
 from __future__ import annotations
@@ -33,10 +34,12 @@ from typing import Any, Literal
 from stages.atomic import atomic_path, sha256_file, write_json, write_text
 from stages.config import as_dict, load_section
 from stages.errors import StageError, cli
+from stages.packing import IGNORE, model_inputs, real_tokens
+from stages.packing import collator as packing_collator
+from stages.packing import register as register_packed_attention
 from stages.prompts import PromptParams, render_record
 
 log = logging.getLogger("finetune")
-IGNORE = -100  # label id the loss skips
 MIN_CUTOFF = 16
 FINGERPRINT = "fingerprint.json"
 
@@ -73,6 +76,7 @@ class FinetuneParams:
     warmup_steps: int
     train_on_inputs: bool
     group_by_length: bool
+    packing: bool
     precision: Literal["fp32", "bf16", "fp16"]
     quantization: Literal["none", "8bit", "4bit"]
     eval_steps: int
@@ -221,9 +225,13 @@ def encode_all(records: list[dict], tokenizer: Any, template: str, cutoff_len: i
     return kept
 
 
-def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None):
-    """Right-padding with the pad token, labels padded with -100 (never derived from input_ids == pad)."""
+def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None, packing: bool = False):
+    """Packed rows (stages/packing.py), or right-padding with the pad token and labels padded with -100
+    (never derived from input_ids == pad)."""
     from transformers import DataCollatorForSeq2Seq
+
+    if packing:
+        return packing_collator()
 
     return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=pad_to_multiple_of,
                                   label_pad_token_id=IGNORE, return_tensors="pt")
@@ -256,7 +264,7 @@ def response_loss(model: Any, batch: dict) -> tuple[Any, Any]:
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t+1
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    out = model(**model_inputs(batch), logits_to_keep=keep)
     logits = out.logits.reshape(-1, out.logits.shape[-1])
     targets = labels[:, 1:][keep[:, :-1]]
     return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
@@ -272,7 +280,8 @@ def evaluate_responses(model: Any, examples: list[dict], collator: Any, batch_si
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             batch = collator(examples[i:i + batch_size])
-            batch = {k: v.to(model.device) for k, v in batch.items()}
+            # Packed batches also carry plain ints (max_length_q/k).
+            batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
             loss_sum, n = response_loss(model, batch)
             total, count = total + float(loss_sum), count + n
     model.train(was_training)
@@ -289,7 +298,7 @@ def trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
-                self.train_tokens += int(inputs["attention_mask"].sum())
+                self.train_tokens += real_tokens(inputs)
             loss_sum, count = response_loss(model, inputs)
             # Normalise by the labelled tokens of the whole accumulated batch when the Trainer counted them
             # (exact gradient accumulation), else by this micro-batch's.
@@ -318,6 +327,8 @@ def load_model(base: Path, params: FinetuneParams):
                                bnb_4bit_compute_dtype=compute))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         kwargs["device_map"] = {"": local if torch.cuda.is_available() else "cpu"}
+    if params.packing:
+        kwargs["attn_implementation"] = register_packed_attention()
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if params.quantization != "none":
         # Gradient checkpointing trades compute for memory; the models here fit, so keep the compute.
@@ -363,6 +374,29 @@ def checkpoint_ok(folder: Path) -> str | None:
     if state.get("global_step") != step:
         return f"trainer_state.json says step {state.get('global_step')}"
     return None
+
+
+def finished(checkpoint: str | None) -> bool:
+    """True when `checkpoint` is the run's last step (killed after saving it, before the adapter was written).
+
+    The Trainer would resume such a checkpoint with one step too many: it checks `max_steps` only after a step.
+    """
+    if checkpoint is None:
+        return False
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
+
+
+def restore_finished(trainer: Any, checkpoint: str) -> float:
+    """Load a finished checkpoint's adapter and Trainer state instead of training; returns the mean train loss."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return sum(losses) / len(losses) if losses else float("nan")
 
 
 def find_resume(ckpt_dir: Path, expected: str, is_main: bool) -> str | None:
@@ -537,12 +571,16 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
     set_seed(params.seed)
     model = load_model(paths.base, params)
     trainable, total = model.get_nb_trainable_parameters()
-    collator = make_collator(tokenizer)
+    collator = make_collator(tokenizer, packing=params.packing)
     trainer = trainer_class()(model=model, args=training_args(params, paths.checkpoints),
                               train_dataset=train_set, eval_dataset=val_set, data_collator=collator,
                               processing_class=tokenizer, callbacks=[mlflow_callback(mlflow)])
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    if finished(resume):
+        log.info("%s is the last step: nothing left to train", resume)
+        mean_loss = restore_finished(trainer, resume)
+    else:
+        mean_loss = trainer.train(resume_from_checkpoint=resume).training_loss
     train_seconds = time.time() - t0
     if not is_main:
         return None
@@ -562,10 +600,10 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
     tokens = trainer.train_tokens * world_size  # each process counts its own shard; the shards are equal-sized
     metrics = {
         "final_train_loss": train_curve[-1]["train_loss"] if train_curve else None,
-        "mean_train_loss": result.training_loss,
+        "mean_train_loss": mean_loss,
         **evals,
         "train_tokens_non_pad": tokens,
-        "train_tokens_per_second": tokens / train_seconds if train_seconds > 0 else None,
+        "train_tokens_per_second": tokens / train_seconds if tokens and train_seconds > 0 else None,
         "train_samples": len(train_set),
         "train_samples_seen": trainer.state.global_step * params.batch_size,
         "steps": trainer.state.global_step,
@@ -604,9 +642,9 @@ def main(argv: list[str] | None = None) -> None:
         log_metrics(mlflow, metrics)
         mlflow.log_artifacts(str(args.out), artifact_path="adapter")
         mlflow.log_artifact(str(args.plots / "loss.png"), artifact_path="plots")
-    log.info("adapter → %s: eval loss %.4f (ppl %.2f) after %d steps, %.1f non-pad tokens/s, %.0f s",
+    log.info("adapter → %s: eval loss %.4f (ppl %.2f) after %d steps, %s non-pad tokens/s, %.0f s",
              args.out, metrics["eval_loss"], metrics["eval_perplexity"], metrics["steps"],
-             metrics["train_tokens_per_second"], metrics["train_seconds"])
+             f"{metrics['train_tokens_per_second'] or 0:.1f}", metrics["train_seconds"])
 
 
 if __name__ == "__main__":

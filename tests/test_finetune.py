@@ -18,7 +18,7 @@ from tests.conftest import ROOT, make_records, run_module
 TINY = {
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
     "epochs": 1, "learning_rate": 5.0e-3, "batch_size": 4, "micro_batch_size": 2, "cutoff_len": 96,
-    "warmup_steps": 0, "train_on_inputs": False, "group_by_length": True, "precision": "fp32",
+    "warmup_steps": 0, "train_on_inputs": False, "group_by_length": True, "packing": True, "precision": "fp32",
     "quantization": "none", "eval_steps": 2, "save_steps": 2, "seed": 0, "max_steps": 4,
 }
 
@@ -228,18 +228,45 @@ def test_killed_run_resumes_from_newest_complete_checkpoint(tmp_path, tiny_model
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (tmp_path / "adapter").exists()
-    # A half-written newer checkpoint, as a power loss would leave: skipped with a warning.
-    partial = ckpt / "checkpoint-7"
-    shutil.copytree(ckpt / "checkpoint-2", partial)
-    (partial / "trainer_state.json").write_text('{"global_step": 7, "log_hi')
+    # A half-written newer checkpoint, as a power loss would leave: skipped with a warning. (Checkpoint
+    # rotation may already have removed checkpoint-2: copy whichever complete one is there.)
+    complete = [p for p in ckpt.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    partial = ckpt / "checkpoint-9"
+    shutil.copytree(complete[0], partial)
+    (partial / "trainer_state.json").write_text('{"global_step": 9, "log_hi')
 
     second = finetune(cwd, args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "skipping incomplete checkpoint" in second.stderr and "checkpoint-7" in second.stderr
+    assert "skipping incomplete checkpoint" in second.stderr and "checkpoint-9" in second.stderr
     m = json.loads((tmp_path / "finetune.json").read_text())
     assert m["resumed_from_step"] >= 2 and m["resumed_from_step"] % 2 == 0 and m["steps"] == 10
     assert f"resuming from {ckpt}/checkpoint-{m['resumed_from_step']}" in second.stderr
     assert_valid_adapter(tmp_path / "adapter", tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_run_stopped_after_its_last_checkpoint_does_not_train_again(tmp_path, tiny_model_dir):
+    """Killed between the last checkpoint and the adapter: the rerun finishes, with no extra step."""
+    import torch
+    from safetensors.torch import load_file
+
+    cwd, args = setup_run(tmp_path, tiny_model_dir, max_steps=2, save_steps=2, eval_steps=100)
+    (tmp_path / "plots").write_text("a file where the plots folder goes: the run fails after training")
+    first = finetune(cwd, args)
+    assert first.returncode != 0
+    last = tmp_path / "ckpt/checkpoint-2"
+    trained = load_file(str(last / "adapter_model.safetensors"))
+    (tmp_path / "plots").unlink()
+
+    second = finetune(cwd, args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "is the last step: nothing left to train" in second.stderr
+    m = json.loads((tmp_path / "finetune.json").read_text())
+    assert m["steps"] == 2 and m["resumed_from_step"] == 2 and m["train_tokens_non_pad"] == 0
+    assert m["final_train_loss"] > 0 and m["mean_train_loss"] > 0
+    final = load_file(str(tmp_path / "adapter/adapter_model.safetensors"))
+    assert final.keys() == trained.keys()
+    assert all(torch.equal(final[k], trained[k]) for k in trained)
 
 
 @pytest.mark.slow
