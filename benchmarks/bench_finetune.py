@@ -1,17 +1,21 @@
 """bench-finetune: this stage's default training vs a reproduction of tloen/alpaca-lora's finetune.py loop, on CPU.
 
-Run: make bench-finetune   (or: python -m benchmarks.bench_finetune --base models/base --samples 32)
+Run: make bench-finetune [BENCH_SOURCE=alpaca_data_cleaned.json]
+     (or: python -m benchmarks.bench_finetune --base models/base --samples 32 [--source FILE])
 
 Same base model (models/base), same records, same LoRA targets and hyperparameters (params.yaml `finetune`),
 same number of training samples. What differs is only the loop semantics:
   reference  alpaca-lora: fp32, eager attention (transformers 4.28 had no SDPA), DataCollatorForSeq2Seq padding
              (pad_to_multiple_of=8) of random batches, no length grouping, train_on_inputs true, full-vocab
              logits at every position (the model's own loss)
-  stage      this stage's default params: length-grouped batches, SDPA, loss and logits on response tokens only
+  stage      this stage's default params: packed padding-free micro-batches with per-example SDPA attention
+             (stages/packing.py), loss and logits on response tokens only
 Printed: non-pad training tokens/s of each, the ratio, and each one's loss on the validation responses after
 the same samples (the stage's eval, identical for both). `--levers` adds a short throughput run per lever,
 each switched on alone over the reference. Records come from data/prepared/train.jsonl and val.jsonl
-(read-only); other processes sharing the CPU move the numbers, so the load average is printed too.
+(read-only), or with `--source FILE` from an Alpaca JSON/JSONL/parquet file (a seeded sample of it, validated
+as the prepare stage does), e.g. the real alpaca-cleaned data. Other processes sharing the CPU move the
+numbers, so the load average is printed too.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -27,6 +32,8 @@ from pathlib import Path
 from stages.config import load_section
 from stages.finetune import (FinetuneParams, encode_all, evaluate_responses, load_model, load_tokenizer,
                              make_collator, read_split, trainer_class, training_args)
+from stages.packing import real_tokens
+from stages.prepare import Loaded, clean, read_local
 from stages.prompts import PromptParams
 
 
@@ -39,19 +46,22 @@ class Setup:
     attention: str  # eager | sdpa
     precision: str = "fp32"
     pad_to_multiple_of: int | None = None
+    packing: bool = False  # packed rows attend per example (stages/packing.py) whatever `attention` says
 
 
 REFERENCE = Setup("reference (alpaca-lora loop)", False, True, False, "eager", "fp32", 8)
 
 
 def stage_setup(p: FinetuneParams) -> Setup:
-    return Setup("stage defaults", p.group_by_length, p.train_on_inputs, True, "sdpa", p.precision, None)
+    return Setup("stage defaults", p.group_by_length, p.train_on_inputs, True, "sdpa", p.precision, None,
+                 p.packing)
 
 
 LEVERS = [
     dataclasses.replace(REFERENCE, name="+ length grouping", group_by_length=True),
     dataclasses.replace(REFERENCE, name="+ no pad_to_multiple_of=8", pad_to_multiple_of=None),
     dataclasses.replace(REFERENCE, name="+ SDPA attention", attention="sdpa"),
+    dataclasses.replace(REFERENCE, name="+ packing (per-example SDPA)", packing=True, pad_to_multiple_of=None),
     dataclasses.replace(REFERENCE, name="+ response-only loss/logits", train_on_inputs=False, response_logits=True),
     dataclasses.replace(REFERENCE, name="+ bf16 autocast", precision="bf16"),
 ]
@@ -66,7 +76,7 @@ def reference_trainer():
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             if model.training:
-                self.train_tokens += int(inputs["attention_mask"].sum())
+                self.train_tokens += real_tokens(inputs)
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     return Reference
@@ -78,11 +88,12 @@ def train_once(setup: Setup, params: FinetuneParams, base: Path, tokenizer, prom
     from transformers import set_seed
 
     p = dataclasses.replace(params, group_by_length=setup.group_by_length, train_on_inputs=setup.train_on_inputs,
-                            precision=setup.precision, max_steps=samples // params.batch_size,
+                            precision=setup.precision, packing=setup.packing, max_steps=samples // params.batch_size,
                             eval_steps=10**9, save_steps=10**9, warmup_steps=0)  # a warm-up would eat the few steps
     set_seed(p.seed)
     model = load_model(base, p)
-    model.base_model.model.set_attn_implementation(setup.attention)
+    if not setup.packing:
+        model.base_model.model.set_attn_implementation(setup.attention)
     train_set = encode_all(train, tokenizer, prompt, p.cutoff_len, p.train_on_inputs, "train")
     out = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     try:
@@ -91,7 +102,8 @@ def train_once(setup: Setup, params: FinetuneParams, base: Path, tokenizer, prom
         args.disable_tqdm = True
         cls = trainer_class() if setup.response_logits else reference_trainer()
         trainer = cls(model=model, args=args, train_dataset=train_set,
-                      data_collator=make_collator(tokenizer, setup.pad_to_multiple_of), processing_class=tokenizer)
+                      data_collator=make_collator(tokenizer, setup.pad_to_multiple_of, setup.packing),
+                      processing_class=tokenizer)
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -105,15 +117,71 @@ def train_once(setup: Setup, params: FinetuneParams, base: Path, tokenizer, prom
     return result
 
 
+def matmul_peak(n: int = 2048) -> float:
+    """GFLOP/s of the best of 3 fp32 n³ matmuls: what this machine's BLAS reaches at best."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(3))
+    return 2 * n**3 / best / 1e9
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def profile_stage(params: FinetuneParams, base: Path, tokenizer, prompt: str, train: list, val_set: list,
+                  samples: int) -> None:
+    """torch.profiler over a stage-defaults run: the top operators, and the matmuls' speed.
+
+    Counting FLOPs records every op's shapes, which inflates the small ops' times, so the shares come from a
+    plain profile and the matmul FLOPs from a second, identical run.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    def ops(with_flops: bool):
+        with profile(activities=[ProfilerActivity.CPU], with_flops=with_flops) as prof:
+            train_once(stage_setup(params), params, base, tokenizer, prompt, train[:samples], val_set, samples,
+                       False)
+        return {op.key: op for op in prof.key_averages()}
+
+    timed_ops, counted = ops(False), ops(True)
+    total = sum(op.self_cpu_time_total for op in timed_ops.values())
+    print(f"profile of stage defaults ({samples} samples), share of CPU time:", flush=True)
+    for op in sorted(timed_ops.values(), key=lambda op: op.self_cpu_time_total, reverse=True)[:8]:
+        print(f"  {op.key[:60]:<60} {100 * op.self_cpu_time_total / total:5.1f}%", flush=True)
+    if "aten::mm" in timed_ops and "aten::mm" in counted:
+        rate = counted["aten::mm"].flops / timed_ops["aten::mm"].self_cpu_time_total / 1e3
+        print(f"  aten::mm ran at {rate:.0f} GFLOP/s", flush=True)
+
+
+def records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(train, val) records: the prepared splits, or a seeded sample of an Alpaca file."""
+    if args.source is None:
+        return read_split(args.data / "train.jsonl")[: args.samples], read_split(args.data / "val.jsonl")[: args.val]
+    valid, _ = clean(Loaded(read_local(args.source), str(args.source), False), "drop")
+    if len(valid) < args.samples + args.val:
+        raise SystemExit(f"--source {args.source}: {len(valid)} valid records, need {args.samples + args.val}")
+    chosen = random.Random(args.seed).sample(valid, args.samples + args.val)
+    return chosen[: args.samples], chosen[args.samples:]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--base", type=Path, default=Path("models/base"))
     ap.add_argument("--data", type=Path, default=Path("data/prepared"))
+    ap.add_argument("--source", type=Path, help="an Alpaca JSON/JSONL/parquet file to sample instead of --data")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed for --source")
     ap.add_argument("--samples", type=int, default=32, help="training samples per run (a multiple of batch_size)")
     ap.add_argument("--val", type=int, default=18, help="validation records for the eval loss")
     ap.add_argument("--levers", action="store_true", help="also time each lever alone")
     ap.add_argument("--lever-samples", type=int, default=8, help="training samples per lever run")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile a stage-defaults run (--lever-samples samples): where the time goes")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     params = load_section(FinetuneParams, "finetune", args.params)
@@ -121,12 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     params = dataclasses.replace(params, batch_size=params.micro_batch_size)
     prompt = load_section(PromptParams, "prompt", args.params).template
     tokenizer = load_tokenizer(args.base)
-    train = read_split(args.data / "train.jsonl")[: args.samples]
-    val_set = encode_all(read_split(args.data / "val.jsonl")[: args.val], tokenizer, prompt, params.cutoff_len,
-                         False, "val")
-    print(f"bench-finetune: {args.base}, {len(train)} training samples, {len(val_set)} val records, "
-          f"batch {params.batch_size}/{params.micro_batch_size}, targets {params.lora.target_modules}, "
-          f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    train, val = records(args)
+    val_set = encode_all(val, tokenizer, prompt, params.cutoff_len, False, "val")
+    print(f"bench-finetune: {args.base}, {args.source or args.data}, {len(train)} training samples, "
+          f"{len(val_set)} val records, batch {params.batch_size}/{params.micro_batch_size}, "
+          f"targets {params.lora.target_modules}, "
+          f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
+          f"fp32 matmul peak {matmul_peak():.0f} GFLOP/s (2048³ torch.mm)", flush=True)
     results = []
     for setup in (REFERENCE, stage_setup(params)):
         r = train_once(setup, params, args.base, tokenizer, prompt, train, val_set, args.samples, evaluate=True)
@@ -148,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(r)
             print(f"  {lever.name:<32} {r['tokens_per_s']:8.1f} tokens/s  "
                   f"({r['tokens_per_s'] / base_r['tokens_per_s']:.2f}x)", flush=True)
+    if args.profile:
+        profile_stage(params, args.base, tokenizer, prompt, train, val_set, args.lever_samples)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
