@@ -23,8 +23,10 @@ PORT ?= 8000
 export PROMPT
 GGUF = models/gguf/model-$(QUANT).gguf
 
+HELP_VARS := QUANT PORT MLFLOW_PORT
 help: ## List every target with one line each
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}' \
+	  | sed $(foreach v,$(HELP_VARS),-e 's/\$$($(v))/$($(v))/g')
 
 setup: $(STAMP) ## Create .venv (Python 3.11) with the pinned dependencies (re-runs only when the lock changes)
 
@@ -50,9 +52,9 @@ verify-repro: $(STAMP) ## Reproducibility checks: no-op re-run, downstream-only 
 verify-failure: $(STAMP) ## Failure injection: kill -9 each heavy stage mid-way and rerun; concurrent repro refused; bad-input matrix
 	python -m pytest -m failure
 
-bench-finetune: $(STAMP) ## Benchmark the finetune stage vs alpaca-lora's loop on CPU (BENCH_SAMPLES=16)
+bench-finetune: $(STAMP) ## Benchmark the finetune stage vs alpaca-lora's loop on CPU (BENCH_SAMPLES=16; BENCH_SOURCE=alpaca.json samples that file instead of data/prepared)
 	dvc repro base prepare
-	python -m benchmarks.bench_finetune --samples $(BENCH_SAMPLES) --levers --json reports/bench-finetune.json
+	python -m benchmarks.bench_finetune --samples $(BENCH_SAMPLES) --levers --json reports/bench-finetune.json $(if $(BENCH_SOURCE),--source $(BENCH_SOURCE))
 
 generate: $(STAMP) ## Complete PROMPT with models/gguf/model-$(QUANT).gguf, N tokens (Alpaca template unless RAW=1)
 	python -m stages.generate --model $(GGUF) -n $(N) --prompt "$$PROMPT" $(if $(RAW),--raw)
