@@ -149,14 +149,18 @@ def test_dvc_push_pull_round_trip(pipeline, tmp_path):
 
 @pytest.mark.repro
 def test_experiment_shows_in_dvc_and_mlflow(pipeline):
-    dvc(pipeline, "exp", "run", "prepare", "-S", "data.seed=7", "--name", "seed7")
-    shown = dvc(pipeline, "exp", "show", "--json").stdout
-    assert "seed7" in shown
+    """The issue's own check: a second LoRA rank as an experiment, seen by DVC and by MLflow."""
+    dvc(pipeline, "exp", "run", "finetune", "-S", "finetune.lora.r=16", "--name", "r16")
+    shown = json.loads(dvc(pipeline, "exp", "show", "--json").stdout)
+    ranks = {e["name"]: e["data"]["params"]["params.yaml"]["data"]["finetune"]["lora"]["r"]
+             for commit in shown for exp in (commit.get("experiments") or []) for e in exp["revs"]}
+    assert ranks.get("r16") == 16, ranks
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline}/mlflow.db")
     exp = client.get_experiment_by_name("alpaca-lora-cpu")
-    runs = client.search_runs([exp.experiment_id], "tags.dvc_exp_name = 'seed7' and tags.kind = 'stage'")
-    assert len(runs) == 1 and runs[0].data.params["data.seed"] == "7"
+    runs = client.search_runs([exp.experiment_id], "tags.dvc_exp_name = 'r16' and tags.kind = 'stage'")
+    assert len(runs) == 1 and runs[0].data.params["finetune.lora.r"] == "16"
+    assert runs[0].data.tags["dvc_stage"] == "finetune" and "eval_loss" in runs[0].data.metrics
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=pipeline, capture_output=True, text=True).stdout
     assert runs[0].data.tags["git_commit"].startswith(head.strip()) and runs[0].data.tags["dvc_lock"]
