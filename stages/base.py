@@ -12,7 +12,6 @@ Only the LLaMA architecture (model_type "llama") is accepted; anything else stop
 """
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import logging
 import re
@@ -22,7 +21,7 @@ from typing import Literal
 
 from stages.atomic import atomic_path, ensure_writable, sha256_files, write_json
 from stages.config import as_dict, load_section
-from stages.errors import StageError, cli
+from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.hub import hub_reachable
 
 log = logging.getLogger("base")
@@ -167,12 +166,8 @@ def run(params: BaseParams, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = stage_parser(__doc__, "out", "metrics")
+    args = parse_stage_args(ap, argv)
     params = load_section(BaseParams, "base", args.params)
     ensure_writable(args.out, args.metrics)
     check_architecture(resolve(params.model), params.trust_remote_code)  # fail before tracking opens

@@ -17,7 +17,6 @@ Meta's format. With `export.consolidated: false` the stage writes only a SKIPPED
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, Callable
 
 from stages.atomic import atomic_path, ensure_writable
 from stages.config import as_dict, load_section
-from stages.errors import StageError, cli
+from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.merge import ExportParams
 from stages.parity import GateFailure, run_gated
 from stages.prompts import PromptParams
@@ -171,14 +170,8 @@ def run(params: ExportParams, prompt: PromptParams, merged: Path, val: Path, out
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--merged", type=Path, required=True)
-    ap.add_argument("--val", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = stage_parser(__doc__, "merged", "val", "out", "metrics")
+    args = parse_stage_args(ap, argv)
     params = load_section(ExportParams, "export", args.params)
     prompt = load_section(PromptParams, "prompt", args.params)
     ensure_writable(args.metrics)

@@ -17,7 +17,6 @@ mean |Δ log-prob| of the actual next tokens and max |Δlogit| are recorded too.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from typing import Literal
 
 from stages.atomic import atomic_path, ensure_writable
 from stages.config import as_dict, load_section
-from stages.errors import StageError, cli
+from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.merge import model_files
 from stages.parity import GateFailure, check_gate_sizes, run_gated
 from stages.prompts import PromptParams
@@ -136,15 +135,9 @@ def run(params: ConvertParams, prompt: PromptParams, model_dir: Path, val: Path,
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage_parser(__doc__, "model", "val", "out", "metrics")
     ap.add_argument("--source", default="finetuned", help="name of this conversion (MLflow run name)")
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--val", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_stage_args(ap, argv)
     params = load_section(ConvertParams, "convert", args.params)
     prompt = load_section(PromptParams, "prompt", args.params)
     ensure_writable(args.metrics)

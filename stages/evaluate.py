@@ -16,7 +16,6 @@ The metrics carry the reference's `run_id` and the GGUF's sha256, so `report` ca
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 
 from stages.atomic import sha256_file, write_json, write_jsonl
 from stages.config import as_dict, load_section
-from stages.errors import StageError, cli
+from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.eval_config import REFERENCE_VARIANT, EvaluateParams
 
 log = logging.getLogger("evaluate")
@@ -148,15 +147,9 @@ def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams) -> tup
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage_parser(__doc__, "gguf", "reference", "metrics", "generations")
     ap.add_argument("--variant", required=True)
-    ap.add_argument("--gguf", type=Path, required=True)
-    ap.add_argument("--reference", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    ap.add_argument("--generations", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_stage_args(ap, argv)
     params = load_section(EvaluateParams, "evaluate", args.params)
     ref = check_inputs(args.variant, args.gguf, args.reference, params)
     from stages.tracking import log_metrics, stage_run

@@ -17,7 +17,6 @@ the validation responses (prompt tokens never count), so it is comparable across
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -33,7 +32,7 @@ from typing import Any, Literal
 
 from stages.atomic import atomic_path, sha256_file, write_json, write_text
 from stages.config import as_dict, load_section
-from stages.errors import StageError, cli
+from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.packing import IGNORE, model_inputs, real_tokens
 from stages.packing import collator as packing_collator
 from stages.packing import register as register_packed_attention
@@ -621,12 +620,8 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    for name in ("base", "data", "out", "checkpoints", "metrics", "plots"):
-        ap.add_argument(f"--{name}", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = stage_parser(__doc__, "base", "data", "out", "checkpoints", "metrics", "plots")
+    args = parse_stage_args(ap, argv)
     params = load_section(FinetuneParams, "finetune", args.params)
     prompt = load_section(PromptParams, "prompt", args.params)
     paths = Paths(args.base, args.data, args.out, args.checkpoints, args.metrics, args.plots)

@@ -15,7 +15,6 @@ Gates (recorded in the metrics, fatal when broken, nothing written then):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -25,7 +24,7 @@ from typing import Literal
 
 from stages.atomic import ensure_writable, sha256_files
 from stages.config import as_dict, load_section
-from stages.errors import StageError, cli
+from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.parity import GateFailure, check_gate_sizes, run_gated
 from stages.prompts import PromptParams
 
@@ -193,15 +192,8 @@ def _gate_message(m: dict, p: ExportParams) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--base", type=Path, required=True)
-    ap.add_argument("--adapter", type=Path, required=True)
-    ap.add_argument("--val", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = stage_parser(__doc__, "base", "adapter", "val", "out", "metrics")
+    args = parse_stage_args(ap, argv)
     params = load_section(ExportParams, "export", args.params)
     prompt = load_section(PromptParams, "prompt", args.params)
     ensure_writable(args.metrics)

@@ -8,7 +8,6 @@ all of it, with a warning; the source actually used is recorded in the manifest,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -19,7 +18,7 @@ from typing import Literal
 
 from stages.atomic import atomic_path, ensure_writable, sha256_file, write_json, write_jsonl
 from stages.config import as_dict, load_section
-from stages.errors import StageError, cli
+from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.hub import hub_reachable
 
 log = logging.getLogger("prepare")
@@ -214,12 +213,8 @@ def metrics_of(manifest: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = stage_parser(__doc__, "out", "metrics")
+    args = parse_stage_args(ap, argv)
     params = load_section(DataParams, "data", args.params)
     ensure_writable(args.out, args.metrics)
     loaded = load_source(params.source)

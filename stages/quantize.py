@@ -13,7 +13,6 @@ log says); the k-quant mixes (_M/_S/_L) deliberately give some tensors more bits
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import logging
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from stages.atomic import atomic_path, ensure_writable, write_json, write_text
 from stages.config import as_dict, load_section
-from stages.errors import StageError, cli
+from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.prompts import ALPACA_NO_INPUT, PromptParams
 
 log = logging.getLogger("quantize")
@@ -157,15 +156,9 @@ def run(qtype: str, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage_parser(__doc__, "src", "out", "modelfile", "metrics")
     ap.add_argument("--type", required=True, help="quantization level, e.g. q4_k_m")
-    ap.add_argument("--src", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--modelfile", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_stage_args(ap, argv)
     prompt = load_section(PromptParams, "prompt", args.params)
     check_type(args.type)
     ensure_writable(args.metrics)

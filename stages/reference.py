@@ -16,7 +16,6 @@ Every `evaluate` metrics file carries this stage's `run_id`; `report` refuses fi
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -30,7 +29,7 @@ import numpy as np
 
 from stages.atomic import atomic_path, sha256_file, write_json, write_jsonl
 from stages.config import as_dict, load_section
-from stages.errors import StageError, cli
+from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.prompts import PromptParams, render, render_record
 
 if TYPE_CHECKING:
@@ -200,15 +199,8 @@ def run(params: ReferenceParams, template: str, threads: int, speed: "SpeedParam
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--gguf", type=Path, required=True)
-    ap.add_argument("--merged", type=Path, required=True)
-    ap.add_argument("--val", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = stage_parser(__doc__, "gguf", "merged", "val", "out", "metrics")
+    args = parse_stage_args(ap, argv)
     params = load_section(ReferenceParams, "reference", args.params)
     template = load_section(PromptParams, "prompt", args.params).template
     from stages.eval_config import EvaluateParams

@@ -12,7 +12,6 @@ reference's) and names any variant without metrics.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from stages.atomic import atomic_path, write_json, write_text
 from stages.config import load_section, read_params
-from stages.errors import StageError, cli
+from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.eval_config import REFERENCE_VARIANT, EvaluateParams
 
 log = logging.getLogger("report")
@@ -377,18 +376,8 @@ def attach_to_variant_runs(mlflow, run_id: str, files: list[Path]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--evaluated", type=Path, required=True)
-    ap.add_argument("--reference", type=Path, required=True)
-    ap.add_argument("--generations", type=Path, required=True)
-    ap.add_argument("--loss", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--figures", type=Path, required=True)
-    ap.add_argument("--table", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = stage_parser(__doc__, "evaluated", "reference", "generations", "loss", "out", "figures", "table", "metrics")
+    args = parse_stage_args(ap, argv)
     import matplotlib
 
     matplotlib.use("Agg")
