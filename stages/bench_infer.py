@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.config import load_section
+from stages.config import load_params
 from stages.errors import StageError, cli
 
 
@@ -47,10 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--gguf", type=Path, required=True)
     args = ap.parse_args(argv)
-    from stages.eval_config import EvaluateParams
     from stages.llama_io import bench
 
-    params = load_section(EvaluateParams, "evaluate", args.params)
+    params = load_params(args.params).evaluate
     if not args.gguf.is_file():
         raise StageError(f"GGUF file {args.gguf} not found (run `make repro`, or pick QUANT= from models/gguf/)")
     s = params.speed

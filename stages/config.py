@@ -1,14 +1,17 @@
-"""params.yaml → frozen dataclasses. Every key is required and typed; unknown or missing keys are errors.
+"""params.yaml → one tree of frozen dataclasses, checked whole at the start of every stage.
 
-Each stage declares a frozen dataclass for its section (no defaults in code: params.yaml is the one place
-they live) and loads it with `load_section`. Range checks live in the dataclass's `__post_init__` and raise
-`ValueError` with the full key name; `load_section` turns any problem into a one-line `StageError`.
+One section class per top-level key of params.yaml (in its order), then the root `Params`. Every key is required
+and typed; unknown or missing keys are errors, and there are no defaults in code: params.yaml is the one place
+values live. Range checks live in each section's `__post_init__` and raise `ValueError` with the full key name;
+rules that span sections live in `check_across`. `load_params` turns any problem into a one-line `StageError`,
+so a broken params.yaml stops every stage before it does any work, not just the stage that reads the broken part.
 """
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -18,6 +21,251 @@ from stages.errors import StageError
 
 T = TypeVar("T")
 PARAMS_FILE = "params.yaml"
+MIN_CUTOFF = 16
+REFERENCE_VARIANT = "finetuned-f16"  # the variant every other one is compared with (evaluate, report)
+
+
+def check_gate_sizes(section: str, gate_prompts: int, gate_max_tokens: int) -> None:
+    """Range checks shared by the `export` and `convert` params (ValueError naming the full key)."""
+    if gate_prompts < 1:
+        raise ValueError(f"{section}.gate_prompts must be >= 1, got {gate_prompts}")
+    if gate_max_tokens < 8:
+        raise ValueError(f"{section}.gate_max_tokens must be >= 8, got {gate_max_tokens}")
+
+
+# ---------------------------------------------------------------- sections, in params.yaml order
+
+@dataclass(frozen=True)
+class BaseParams:
+    model: str
+    dtype: Literal["float32", "bfloat16", "float16"]
+    trust_remote_code: bool
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str
+    fraction: float
+    seed: int
+    val_size: float
+    max_samples: int | None
+    on_invalid: Literal["drop", "error"]
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"data.fraction must be in (0, 1], got {self.fraction}")
+        if not 0 < self.val_size < 1:
+            raise ValueError(f"data.val_size must be in (0, 1), got {self.val_size}")
+        if self.max_samples is not None and self.max_samples < 2:
+            raise ValueError(f"data.max_samples must be >= 2 or null, got {self.max_samples}")
+
+
+@dataclass(frozen=True)
+class PromptParams:
+    template: Literal["alpaca", "chat"]
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...] | str
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"finetune.lora.r must be > 0, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"finetune.lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"finetune.lora.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            raise ValueError("finetune.lora.target_modules must be a list of module names or 'all-linear', "
+                             f"got {self.target_modules!r}")
+        if not self.target_modules:
+            raise ValueError("finetune.lora.target_modules must not be empty")
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    lora: LoraParams
+    epochs: float
+    learning_rate: float
+    batch_size: int
+    micro_batch_size: int
+    cutoff_len: int
+    warmup_steps: int
+    train_on_inputs: bool
+    group_by_length: bool
+    packing: bool
+    precision: Literal["fp32", "bf16", "fp16"]
+    quantization: Literal["none", "8bit", "4bit"]
+    eval_steps: int
+    save_steps: int
+    seed: int
+    max_steps: int | None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs > 0, f"finetune.epochs must be > 0, got {self.epochs}"),
+            (self.learning_rate > 0, f"finetune.learning_rate must be > 0, got {self.learning_rate}"),
+            (self.micro_batch_size > 0, f"finetune.micro_batch_size must be > 0, got {self.micro_batch_size}"),
+            (self.batch_size > 0 and self.batch_size % max(self.micro_batch_size, 1) == 0,
+             f"finetune.batch_size ({self.batch_size}) must be a positive multiple of finetune.micro_batch_size "
+             f"({self.micro_batch_size})"),
+            (self.cutoff_len >= MIN_CUTOFF, f"finetune.cutoff_len must be >= {MIN_CUTOFF}, got {self.cutoff_len}"),
+            (self.warmup_steps >= 0, f"finetune.warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.eval_steps > 0, f"finetune.eval_steps must be > 0, got {self.eval_steps}"),
+            (self.save_steps > 0, f"finetune.save_steps must be > 0, got {self.save_steps}"),
+            (self.max_steps is None or self.max_steps > 0,
+             f"finetune.max_steps must be > 0 or null, got {self.max_steps}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    dtype: Literal["fp32", "bf16", "fp16"]
+    max_shard_size: str
+    consolidated: bool
+    gate_prompts: int
+    gate_max_tokens: int
+    max_logit_diff: float
+
+    def __post_init__(self) -> None:
+        check_gate_sizes("export", self.gate_prompts, self.gate_max_tokens)
+        if not self.max_logit_diff > 0:
+            raise ValueError(f"export.max_logit_diff must be > 0, got {self.max_logit_diff}")
+
+
+@dataclass(frozen=True)
+class ConvertParams:
+    outtype: Literal["f16", "bf16", "f32", "q8_0"]
+    gate_prompts: int
+    gate_max_tokens: int
+    min_top1_agreement: float
+
+    def __post_init__(self) -> None:
+        check_gate_sizes("convert", self.gate_prompts, self.gate_max_tokens)
+        if not 0 < self.min_top1_agreement <= 1:
+            raise ValueError(f"convert.min_top1_agreement must be in (0, 1], got {self.min_top1_agreement}")
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    types: tuple[str, ...]  # llama.cpp level names; each quantize@<type> stage checks its own against llama.cpp
+
+    def __post_init__(self) -> None:
+        if not self.types:
+            raise ValueError("quantize.types must list at least one quantization type")
+        twice = sorted({t for t in self.types if self.types.count(t) > 1})
+        if twice:
+            raise ValueError(f"quantize.types lists {twice[0]!r} more than once")
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    n_ctx: int
+    temperature: float
+    top_p: float
+    repeat_penalty: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 64:
+            raise ValueError(f"generate.n_ctx must be >= 64, got {self.n_ctx}")
+        if self.temperature < 0:
+            raise ValueError(f"generate.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generate.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class ReferenceParams:
+    max_records: int | None      # validation records scored (null = all); caps the cost of every variant
+    max_response_tokens: int     # response tokens (incl. EOS) scored per record
+    top_k: int                   # reference log-probs kept per position, plus the exact mass of the rest
+    generate_records: int | None  # validation prompts every variant answers (ROUGE-L); null = all scored
+    showcase_prompts: tuple[str, ...]  # fixed instructions answered by every variant, shown in the report
+
+    def __post_init__(self) -> None:
+        for key in ("max_records", "generate_records"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"reference.{key} must be >= 1 or null, got {value}")
+        if self.max_response_tokens < 1:
+            raise ValueError(f"reference.max_response_tokens must be >= 1, got {self.max_response_tokens}")
+        if self.top_k < 1:
+            raise ValueError(f"reference.top_k must be >= 1, got {self.top_k}")
+        if not self.showcase_prompts:
+            raise ValueError("reference.showcase_prompts must list at least one prompt")
+
+
+@dataclass(frozen=True)
+class SpeedParams:
+    prompt_tokens: int  # prompt-processing benchmark length (llama-bench pp512)
+    gen_tokens: int     # generation benchmark length (llama-bench tg128)
+    runs: int           # timed runs after one warm-up; the median is reported
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.gen_tokens < 1:
+            raise ValueError("evaluate.speed.prompt_tokens and evaluate.speed.gen_tokens must be >= 1")
+        if self.runs < 3:
+            raise ValueError(f"evaluate.speed.runs must be >= 3 (a median of at least 3), got {self.runs}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    variants: dict       # variant name -> GGUF file stem under models/gguf/ (dvc.yaml's foreach)
+    threads: int         # CPU threads for every llama.cpp and transformers measurement
+    max_new_tokens: int  # greedy generation limit
+    speed: SpeedParams
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.variants.items()):
+            raise ValueError("evaluate.variants must map variant names to GGUF file stems (strings)")
+        if REFERENCE_VARIANT not in self.variants:
+            raise ValueError(f"evaluate.variants must include {REFERENCE_VARIANT!r} (the reference)")
+        if self.threads < 1:
+            raise ValueError(f"evaluate.threads must be >= 1, got {self.threads}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"evaluate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+# ---------------------------------------------------------------- the whole file
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseParams
+    data: DataParams
+    prompt: PromptParams
+    finetune: FinetuneParams
+    export: ExportParams
+    convert: ConvertParams
+    quantize: QuantizeParams
+    generate: GenerateParams
+    reference: ReferenceParams
+    evaluate: EvaluateParams
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """The whole params file, checked: every section, every key, and the rules across sections."""
+    params = build(Params, read_params(path), "")
+    check_across(params)
+    return params
+
+
+def check_across(p: Params) -> None:
+    """Rules between sections, which no single section's `__post_init__` can see."""
+    # dvc.yaml's quantize@<type> writes models/gguf/model-<type>.gguf; without a variant on that file the level is
+    # built but never evaluated, and the report would stop at the very end of the pipeline.
+    stems = set(p.evaluate.variants.values())
+    for t in p.quantize.types:
+        if f"model-{t}" not in stems:
+            raise StageError(f"params: quantize.types has {t!r} but no evaluate.variants entry has the GGUF stem "
+                             f"'model-{t}': add '{t}: model-{t}' to evaluate.variants")
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict:
@@ -32,30 +280,27 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict:
     return doc
 
 
-def load_section(cls: type[T], section: str, path: str | Path = PARAMS_FILE) -> T:
-    doc = read_params(path)
-    if section not in doc:
-        raise StageError(f"{path}: missing section '{section}'")
-    return build(cls, doc[section], section)
-
-
 def build(cls: type[T], raw: Any, where: str) -> T:
-    """Check `raw` against dataclass `cls` (recursively) and construct it."""
+    """Check `raw` against dataclass `cls` (recursively) and construct it; `where` is its key ("" for the root)."""
     if not isinstance(raw, dict):
         raise StageError(f"params: '{where}' must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise StageError(f"params: unknown key '{where}.{unknown[0]}' (allowed: {', '.join(names)})")
+        raise StageError(f"params: unknown key '{_key(where, unknown[0])}' (allowed: {', '.join(names)})")
     missing = [n for n in names if n not in raw]
     if missing:
-        raise StageError(f"params: missing key '{where}.{missing[0]}'")
-    values = {n: _coerce(hints[n], raw[n], f"{where}.{n}") for n in names}
+        raise StageError(f"params: missing key '{_key(where, missing[0])}'")
+    values = {n: _coerce(hints[n], raw[n], _key(where, n)) for n in names}
     try:
         return cls(**values)
     except ValueError as exc:
         raise StageError(f"params: {exc}") from exc
+
+
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

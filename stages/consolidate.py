@@ -23,11 +23,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stages.atomic import atomic_path, ensure_writable
-from stages.config import as_dict, load_section
+from stages.config import ExportParams, PromptParams, as_dict, load_params
 from stages.errors import StageError, cli, parse_stage_args, stage_parser
-from stages.merge import ExportParams
 from stages.parity import GateFailure, run_gated
-from stages.prompts import PromptParams
 
 log = logging.getLogger("consolidate")
 WEIGHTS = "consolidated.00.pth"
@@ -172,8 +170,8 @@ def run(params: ExportParams, prompt: PromptParams, merged: Path, val: Path, out
 def main(argv: list[str] | None = None) -> None:
     ap = stage_parser(__doc__, "merged", "val", "out", "metrics")
     args = parse_stage_args(ap, argv)
-    params = load_section(ExportParams, "export", args.params)
-    prompt = load_section(PromptParams, "prompt", args.params)
+    config = load_params(args.params)
+    params, prompt = config.export, config.prompt
     ensure_writable(args.metrics)
     from stages.tracking import stage_run
 

@@ -21,31 +21,15 @@ import logging
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from stages.atomic import atomic_path, ensure_writable
-from stages.config import as_dict, load_section
+from stages.config import ConvertParams, PromptParams, as_dict, load_params
 from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.merge import model_files
-from stages.parity import GateFailure, check_gate_sizes, run_gated
-from stages.prompts import PromptParams
+from stages.parity import GateFailure, run_gated
 
 log = logging.getLogger("convert")
-
-
-@dataclass(frozen=True)
-class ConvertParams:
-    outtype: Literal["f16", "bf16", "f32", "q8_0"]
-    gate_prompts: int
-    gate_max_tokens: int
-    min_top1_agreement: float
-
-    def __post_init__(self) -> None:
-        check_gate_sizes("convert", self.gate_prompts, self.gate_max_tokens)
-        if not 0 < self.min_top1_agreement <= 1:
-            raise ValueError(f"convert.min_top1_agreement must be in (0, 1], got {self.min_top1_agreement}")
 
 
 def convert_hf(model_dir: Path, out_file: Path, outtype: str) -> float:
@@ -138,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = stage_parser(__doc__, "model", "val", "out", "metrics")
     ap.add_argument("--source", default="finetuned", help="name of this conversion (MLflow run name)")
     args = parse_stage_args(ap, argv)
-    params = load_section(ConvertParams, "convert", args.params)
-    prompt = load_section(PromptParams, "prompt", args.params)
+    config = load_params(args.params)
+    params, prompt = config.convert, config.prompt
     ensure_writable(args.metrics)
     from stages.tracking import stage_run
 

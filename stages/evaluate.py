@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.atomic import sha256_file, write_json, write_jsonl
-from stages.config import as_dict, load_section
+from stages.config import REFERENCE_VARIANT, EvaluateParams, as_dict, load_params
 from stages.errors import StageError, cli, parse_stage_args, stage_parser
-from stages.eval_config import REFERENCE_VARIANT, EvaluateParams
 
 log = logging.getLogger("evaluate")
 
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = stage_parser(__doc__, "gguf", "reference", "metrics", "generations")
     ap.add_argument("--variant", required=True)
     args = parse_stage_args(ap, argv)
-    params = load_section(EvaluateParams, "evaluate", args.params)
+    params = load_params(args.params).evaluate
     ref = check_inputs(args.variant, args.gguf, args.reference, params)
     from stages.tracking import log_metrics, stage_run
 

@@ -28,79 +28,18 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from stages.atomic import atomic_path, sha256_file, write_json, write_text
-from stages.config import as_dict, load_section
+from stages.config import FinetuneParams, LoraParams, PromptParams, as_dict, load_params
 from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.packing import IGNORE, model_inputs, real_tokens
 from stages.packing import collator as packing_collator
 from stages.packing import register as register_packed_attention
-from stages.prompts import PromptParams, render_record
+from stages.prompts import render_record
 
 log = logging.getLogger("finetune")
-MIN_CUTOFF = 16
 FINGERPRINT = "fingerprint.json"
-
-
-@dataclass(frozen=True)
-class LoraParams:
-    r: int
-    alpha: int
-    dropout: float
-    target_modules: tuple[str, ...] | str
-
-    def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ValueError(f"finetune.lora.r must be > 0, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"finetune.lora.alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"finetune.lora.dropout must be in [0, 1), got {self.dropout}")
-        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            raise ValueError("finetune.lora.target_modules must be a list of module names or 'all-linear', "
-                             f"got {self.target_modules!r}")
-        if not self.target_modules:
-            raise ValueError("finetune.lora.target_modules must not be empty")
-
-
-@dataclass(frozen=True)
-class FinetuneParams:
-    lora: LoraParams
-    epochs: float
-    learning_rate: float
-    batch_size: int
-    micro_batch_size: int
-    cutoff_len: int
-    warmup_steps: int
-    train_on_inputs: bool
-    group_by_length: bool
-    packing: bool
-    precision: Literal["fp32", "bf16", "fp16"]
-    quantization: Literal["none", "8bit", "4bit"]
-    eval_steps: int
-    save_steps: int
-    seed: int
-    max_steps: int | None
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs > 0, f"finetune.epochs must be > 0, got {self.epochs}"),
-            (self.learning_rate > 0, f"finetune.learning_rate must be > 0, got {self.learning_rate}"),
-            (self.micro_batch_size > 0, f"finetune.micro_batch_size must be > 0, got {self.micro_batch_size}"),
-            (self.batch_size > 0 and self.batch_size % max(self.micro_batch_size, 1) == 0,
-             f"finetune.batch_size ({self.batch_size}) must be a positive multiple of finetune.micro_batch_size "
-             f"({self.micro_batch_size})"),
-            (self.cutoff_len >= MIN_CUTOFF, f"finetune.cutoff_len must be >= {MIN_CUTOFF}, got {self.cutoff_len}"),
-            (self.warmup_steps >= 0, f"finetune.warmup_steps must be >= 0, got {self.warmup_steps}"),
-            (self.eval_steps > 0, f"finetune.eval_steps must be > 0, got {self.eval_steps}"),
-            (self.save_steps > 0, f"finetune.save_steps must be > 0, got {self.save_steps}"),
-            (self.max_steps is None or self.max_steps > 0,
-             f"finetune.max_steps must be > 0 or null, got {self.max_steps}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -622,8 +561,8 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
 def main(argv: list[str] | None = None) -> None:
     ap = stage_parser(__doc__, "base", "data", "out", "checkpoints", "metrics", "plots")
     args = parse_stage_args(ap, argv)
-    params = load_section(FinetuneParams, "finetune", args.params)
-    prompt = load_section(PromptParams, "prompt", args.params)
+    config = load_params(args.params)
+    params, prompt = config.finetune, config.prompt
     paths = Paths(args.base, args.data, args.out, args.checkpoints, args.metrics, args.plots)
     splits = preflight(params, paths)  # bad input stops here, before tracking and weights
     if world()[0] != 0:  # only rank 0 tracks and writes; the other ranks just train

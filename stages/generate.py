@@ -14,32 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.config import load_section
+from stages.config import GenerateParams, load_params
 from stages.errors import StageError, cli
-from stages.prompts import PromptParams, render
+from stages.prompts import render
 
 STOPS = ["### Instruction:", "### Input:"]
-
-
-@dataclass(frozen=True)
-class GenerateParams:
-    n_ctx: int
-    temperature: float
-    top_p: float
-    repeat_penalty: float
-    seed: int
-
-    def __post_init__(self) -> None:
-        if self.n_ctx < 64:
-            raise ValueError(f"generate.n_ctx must be >= 64, got {self.n_ctx}")
-        if self.temperature < 0:
-            raise ValueError(f"generate.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"generate.top_p must be in (0, 1], got {self.top_p}")
 
 
 def check_model(path: Path) -> None:
@@ -73,10 +55,37 @@ def stream_chat(llm: Any, message: str, n: int, g: GenerateParams) -> Iterator[s
         yield chunk["choices"][0]["delta"].get("content", "") or ""
 
 
+def fit_new_tokens(n_prompt: int, n: int, n_ctx: int) -> int:
+    """How many new tokens fit beside a prompt of `n_prompt` tokens: a prompt that leaves no room is an error;
+    one that leaves less than `n` cuts the answer short, with a warning."""
+    if n_prompt >= n_ctx:
+        raise StageError(f"the prompt is {n_prompt} tokens (with the template) but the context window is {n_ctx} "
+                         "(generate.n_ctx in params.yaml): shorten the prompt or raise generate.n_ctx")
+    if n_prompt + n > n_ctx:
+        print(f"warning: the prompt is {n_prompt} tokens, so only {n_ctx - n_prompt} of the {n} new tokens asked "
+              f"fit the context window of {n_ctx} (generate.n_ctx); the answer may be cut short", file=sys.stderr)
+        return n_ctx - n_prompt
+    return n
+
+
 def respond(llm: Any, prompt: str, n: int, g: GenerateParams, template: str, raw: bool) -> Iterator[str]:
+    """The answer's pieces; a prompt too long for the context is a `StageError` before anything streams."""
     if template == "chat" and not raw:
-        return stream_chat(llm, prompt, n, g)
-    return stream(llm, completion_text(prompt, template, raw), n, g)
+        return _context_errors(stream_chat(llm, prompt, n, g), llm.n_ctx())
+    text = completion_text(prompt, template, raw)
+    n_prompt = len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+    return stream(llm, text, fit_new_tokens(n_prompt, n, llm.n_ctx()), g)
+
+
+def _context_errors(pieces: Iterator[str], n_ctx: int) -> Iterator[str]:
+    """llama-cpp-python's own check, for prompts rendered by the chat template: a one-line error, no traceback."""
+    try:
+        yield from pieces
+    except ValueError as exc:
+        if "context window" not in str(exc):
+            raise
+        raise StageError(f"{exc} (generate.n_ctx in params.yaml is {n_ctx}): shorten the prompt or raise "
+                         "generate.n_ctx") from exc
 
 
 def repl(llm: Any, n: int, g: GenerateParams, template: str, raw: bool) -> None:
@@ -89,8 +98,12 @@ def repl(llm: Any, n: int, g: GenerateParams, template: str, raw: bool) -> None:
             return
         if not line or line in ("/exit", "/quit"):
             return
-        for piece in respond(llm, line, n, g, template, raw):
-            print(piece, end="", flush=True)
+        try:
+            for piece in respond(llm, line, n, g, template, raw):
+                print(piece, end="", flush=True)
+        except StageError as exc:  # one bad turn (too long) does not end the session
+            print(f"error: {exc}", file=sys.stderr)
+            continue
         print()
 
 
@@ -107,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError("give --prompt (make generate PROMPT=\"...\") or --chat")
     if args.n_predict < 1:
         raise StageError(f"-n must be >= 1, got {args.n_predict}")
-    g = load_section(GenerateParams, "generate", args.params)
-    template = load_section(PromptParams, "prompt", args.params).template
+    params = load_params(args.params)
+    g, template = params.generate, params.prompt.template
     check_model(args.model)
     from stages.gguf_io import open_llama
 

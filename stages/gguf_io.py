@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from stages.errors import StageError
+from stages.native import preflight
 
 MAGIC = b"GGUF"
 
@@ -103,8 +104,10 @@ def captured_stderr() -> Iterator[list[str]]:
 @contextlib.contextmanager
 def open_llama(path: str | os.PathLike, n_ctx: int = 512, logits_all: bool = False,
                n_threads: int | None = None, **kwargs: Any) -> Iterator[Any]:
-    """A `llama_cpp.Llama` on a validated GGUF, closed on exit (no noisy __del__ at interpreter exit)."""
+    """A `llama_cpp.Llama` on a validated GGUF, tried in a child first (`native.preflight`), closed on exit
+    (no noisy __del__ at interpreter exit)."""
     check_gguf(path)
+    preflight(path)
     import llama_cpp
 
     with captured_stderr() as log:

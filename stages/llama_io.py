@@ -5,12 +5,10 @@ Shared by the `reference` and `evaluate` stages and `make bench-infer`; no work 
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import resource
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,8 @@ import numpy as np
 from stages.errors import StageError
 from stages.gguf_io import check_gguf
 from stages.metrics import log_probs
+from stages.native import call_in_child, preflight
+from stages.tracking import build_record
 
 # A fixed English filler for the speed prompts (llama-bench uses random tokens; content does not change speed).
 FILLER = ("The quick brown fox jumps over the lazy dog while the cat watches from the warm window sill. ")
@@ -32,6 +32,7 @@ def open_gguf(path: str | Path, *, threads: int, n_ctx: int = 2048, logits_all: 
 
     path = Path(path)
     check_gguf(path)  # missing, truncated or non-GGUF files: one-line errors, never a crash inside llama.cpp
+    preflight(path)   # a build or file that crashes llama.cpp: a one-line error from a child, not a dead stage
     try:
         return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
                      n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0)
@@ -129,20 +130,21 @@ def bench(path: str | Path, *, threads: int, prompt_tokens: int, gen_tokens: int
     after a warm-up), peak RSS, with `threads` fixed."""
     if not Path(path).is_file():
         raise StageError(f"GGUF file {path} not found")
-    # A fresh spawned process (not fork: llama.cpp's thread pool must not be copied); a crash there raises
-    # BrokenProcessPool here instead of hanging.
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        result = pool.submit(_bench_in_child, str(path), threads, prompt_tokens, gen_tokens, runs).result()
+    # A fresh process, so peak RSS is this model's alone; a native crash there is a one-line NativeCrash here.
+    result = call_in_child(_bench_in_child, str(path), threads, prompt_tokens, gen_tokens, runs, file=path,
+                           action="benchmarking")
     return {**result, "threads": threads, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "runs": runs,
             "file_size_bytes": os.path.getsize(path)}
 
 
 def system_info() -> dict:
-    """The llama.cpp build inside llama-cpp-python: version and enabled CPU features."""
+    """The llama.cpp build inside llama-cpp-python: version, the CMake flags `make setup` chose, and the CPU
+    features it reports."""
     import llama_cpp
 
     return {
         "llama_cpp_python": llama_cpp.__version__,
         "llama_cpp_version": llama_cpp.llama_version().decode(),
+        **{k: v for k, v in build_record().items() if k != "llama_build_system_info"},  # the live one is below
         "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
     }

@@ -18,35 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from stages.atomic import ensure_writable, sha256_files
-from stages.config import as_dict, load_section
+from stages.config import ExportParams, PromptParams, as_dict, load_params
 from stages.errors import StageError, cli, parse_stage_args, stage_parser
-from stages.parity import GateFailure, check_gate_sizes, run_gated
-from stages.prompts import PromptParams
+from stages.parity import GateFailure, run_gated
 
 log = logging.getLogger("merge")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class ExportParams:
-    dtype: Literal["fp32", "bf16", "fp16"]
-    max_shard_size: str
-    consolidated: bool
-    gate_prompts: int
-    gate_max_tokens: int
-    max_logit_diff: float
-
-    def __post_init__(self) -> None:
-        check_gate_sizes("export", self.gate_prompts, self.gate_max_tokens)
-        if not self.max_logit_diff > 0:
-            raise ValueError(f"export.max_logit_diff must be > 0, got {self.max_logit_diff}")
 
 
 # ---------------------------------------------------------------- checks before any weights load
@@ -194,8 +176,8 @@ def _gate_message(m: dict, p: ExportParams) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = stage_parser(__doc__, "base", "adapter", "val", "out", "metrics")
     args = parse_stage_args(ap, argv)
-    params = load_section(ExportParams, "export", args.params)
-    prompt = load_section(PromptParams, "prompt", args.params)
+    config = load_params(args.params)
+    params, prompt = config.export, config.prompt
     ensure_writable(args.metrics)
     from stages.tracking import stage_run
 

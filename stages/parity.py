@@ -23,14 +23,6 @@ class GateFailure(StageError):
         self.metrics = metrics
 
 
-def check_gate_sizes(section: str, gate_prompts: int, gate_max_tokens: int) -> None:
-    """Range checks shared by the `export` and `convert` params (ValueError naming the full key)."""
-    if gate_prompts < 1:
-        raise ValueError(f"{section}.gate_prompts must be >= 1, got {gate_prompts}")
-    if gate_max_tokens < 8:
-        raise ValueError(f"{section}.gate_max_tokens must be >= 8, got {gate_max_tokens}")
-
-
 def run_gated(mlflow: Any, metrics_path: Path, work: Callable[[], dict]) -> dict:
     """Run a gated stage's work; its metrics JSON (and MLflow) get the result, or the failed gates."""
     from stages.atomic import write_json

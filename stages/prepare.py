@@ -14,10 +14,9 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from stages.atomic import atomic_path, ensure_writable, sha256_file, write_json, write_jsonl
-from stages.config import as_dict, load_section
+from stages.config import DataParams, as_dict, load_params
 from stages.errors import StageError, cli, parse_stage_args, stage_parser
 from stages.hub import hub_reachable
 
@@ -25,24 +24,6 @@ log = logging.getLogger("prepare")
 FIELDS = ("instruction", "input", "output")
 REASONS = ("missing_field", "wrong_type", "empty_output", "duplicate")
 BUNDLED_SAMPLE = Path("data/sample/alpaca_sample.json")
-
-
-@dataclass(frozen=True)
-class DataParams:
-    source: str
-    fraction: float
-    seed: int
-    val_size: float
-    max_samples: int | None
-    on_invalid: Literal["drop", "error"]
-
-    def __post_init__(self) -> None:
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"data.fraction must be in (0, 1], got {self.fraction}")
-        if not 0 < self.val_size < 1:
-            raise ValueError(f"data.val_size must be in (0, 1), got {self.val_size}")
-        if self.max_samples is not None and self.max_samples < 2:
-            raise ValueError(f"data.max_samples must be >= 2 or null, got {self.max_samples}")
 
 
 @dataclass(frozen=True)
@@ -215,7 +196,7 @@ def metrics_of(manifest: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = stage_parser(__doc__, "out", "metrics")
     args = parse_stage_args(ap, argv)
-    params = load_section(DataParams, "data", args.params)
+    params = load_params(args.params).data
     ensure_writable(args.out, args.metrics)
     loaded = load_source(params.source)
     clean(loaded, params.on_invalid)  # bad records fail here, before tracking opens

@@ -6,8 +6,7 @@ the model learns to produce after it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -20,11 +19,6 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 RESPONSE_MARKER = "### Response:\n"
-
-
-@dataclass(frozen=True)
-class PromptParams:
-    template: Literal["alpaca", "chat"]
 
 
 def render(template: str, instruction: str, input: str = "", tokenizer: Any = None) -> str:

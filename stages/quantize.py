@@ -21,9 +21,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from stages.atomic import atomic_path, ensure_writable, write_json, write_text
-from stages.config import as_dict, load_section
+from stages.config import PromptParams, as_dict, load_params
 from stages.errors import StageError, cli, parse_stage_args, stage_parser
-from stages.prompts import ALPACA_NO_INPUT, PromptParams
+from stages.prompts import ALPACA_NO_INPUT
 
 log = logging.getLogger("quantize")
 TYPE_NAME = re.compile(r"^(Q[2-8]_(0|1|K|K_[SML])|F16|BF16)$")
@@ -52,21 +52,29 @@ def asked_type(qtype: str) -> str:
     return re.sub(r"_K_[SML]$", "_K", qtype.upper())
 
 
-def quantize_file(src: Path, dst: Path, ftype: int) -> tuple[float, list[str]]:
-    """llama.cpp's quantizer with its default params; (seconds, llama.cpp's log lines)."""
-    import os
-
+def _quantize(src: str, dst: str, ftype: int, nthread: int) -> tuple[int, float, list[str]]:
+    """llama.cpp's quantizer with its default params (runs in a child); (return code, seconds, its log lines)."""
     import llama_cpp
 
     from stages.gguf_io import captured_stderr
 
     qp = llama_cpp.llama_model_quantize_default_params()
     qp.ftype = ftype
-    qp.nthread = os.cpu_count() or 1
+    qp.nthread = nthread
     t0 = time.perf_counter()
     with captured_stderr() as lines:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(qp))
-    seconds = time.perf_counter() - t0
+        rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(qp))
+    return rc, time.perf_counter() - t0, lines
+
+
+def quantize_file(src: Path, dst: Path, ftype: int) -> tuple[float, list[str]]:
+    """Quantize in a child process, so a llama.cpp crash is a one-line error; (seconds, llama.cpp's log lines)."""
+    import os
+
+    from stages.native import call_in_child
+
+    rc, seconds, lines = call_in_child(_quantize, str(src), str(dst), ftype, os.cpu_count() or 1, file=src,
+                                       action="quantizing")
     if rc != 0 or not dst.is_file():
         err = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), f"rc={rc}")
         raise StageError(f"llama.cpp's quantizer failed on {src}: {err.strip()[:200]}")
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = stage_parser(__doc__, "src", "out", "modelfile", "metrics")
     ap.add_argument("--type", required=True, help="quantization level, e.g. q4_k_m")
     args = parse_stage_args(ap, argv)
-    prompt = load_section(PromptParams, "prompt", args.params)
+    prompt = load_params(args.params).prompt
     check_type(args.type)
     ensure_writable(args.metrics)
     from stages.tracking import log_metrics, stage_run

@@ -21,42 +21,16 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stages.atomic import atomic_path, sha256_file, write_json, write_jsonl
-from stages.config import as_dict, load_section
+from stages.config import ReferenceParams, SpeedParams, as_dict, load_params
 from stages.errors import StageError, cli, parse_stage_args, stage_parser
-from stages.prompts import PromptParams, render, render_record
-
-if TYPE_CHECKING:
-    from stages.eval_config import SpeedParams
+from stages.prompts import render, render_record
 
 log = logging.getLogger("reference")
-
-
-@dataclass(frozen=True)
-class ReferenceParams:
-    max_records: int | None      # validation records scored (null = all); caps the cost of every variant
-    max_response_tokens: int     # response tokens (incl. EOS) scored per record
-    top_k: int                   # reference log-probs kept per position, plus the exact mass of the rest
-    generate_records: int | None  # validation prompts every variant answers (ROUGE-L); null = all scored
-    showcase_prompts: tuple[str, ...]  # fixed instructions answered by every variant, shown in the report
-
-    def __post_init__(self) -> None:
-        for key in ("max_records", "generate_records"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ValueError(f"reference.{key} must be >= 1 or null, got {value}")
-        if self.max_response_tokens < 1:
-            raise ValueError(f"reference.max_response_tokens must be >= 1, got {self.max_response_tokens}")
-        if self.top_k < 1:
-            raise ValueError(f"reference.top_k must be >= 1, got {self.top_k}")
-        if not self.showcase_prompts:
-            raise ValueError("reference.showcase_prompts must list at least one prompt")
 
 
 def read_val(path: Path) -> list[dict]:
@@ -111,7 +85,7 @@ def score_reference(gguf: Path, records: list[dict], prompts: list[str], params:
     }, n_vocab
 
 
-def hf_speed(merged: Path, threads: int, speed: "SpeedParams") -> dict:
+def hf_speed(merged: Path, threads: int, speed: SpeedParams) -> dict:
     """transformers fp32 on the merged checkpoint: prompt tok/s (one forward) and greedy generate tok/s."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -167,7 +141,7 @@ def check_inputs(gguf: Path, merged: Path, val: Path) -> list[dict]:
     return records
 
 
-def run(params: ReferenceParams, template: str, threads: int, speed: "SpeedParams", gguf: Path, merged: Path,
+def run(params: ReferenceParams, template: str, threads: int, speed: SpeedParams, gguf: Path, merged: Path,
         val: Path, records: list[dict], out_dir: Path) -> dict:
     records = records[:params.max_records] if params.max_records else records
     tokenizer = _load_tokenizer(merged, template)
@@ -201,11 +175,8 @@ def run(params: ReferenceParams, template: str, threads: int, speed: "SpeedParam
 def main(argv: list[str] | None = None) -> None:
     ap = stage_parser(__doc__, "gguf", "merged", "val", "out", "metrics")
     args = parse_stage_args(ap, argv)
-    params = load_section(ReferenceParams, "reference", args.params)
-    template = load_section(PromptParams, "prompt", args.params).template
-    from stages.eval_config import EvaluateParams
-
-    ev = load_section(EvaluateParams, "evaluate", args.params)
+    config = load_params(args.params)
+    params, template, ev = config.reference, config.prompt.template, config.evaluate
     records = check_inputs(args.gguf, args.merged, args.val)
     from stages.tracking import log_metrics, stage_run
 

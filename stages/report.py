@@ -22,9 +22,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from stages.atomic import atomic_path, write_json, write_text
-from stages.config import load_section, read_params
+from stages.config import REFERENCE_VARIANT, EvaluateParams, load_params
 from stages.errors import StageError, cli, parse_stage_args, stage_parser
-from stages.eval_config import REFERENCE_VARIANT, EvaluateParams
 
 log = logging.getLogger("report")
 BASE_VARIANT = "base-f16"
@@ -323,21 +322,9 @@ def write_table(rows: list[dict], path: Path) -> None:
         writer.writerows([{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
 
 
-def missing_quant_types(params_path: str, variants: list[str]) -> list[str]:
-    """quantize.types entries with no evaluate variant (when a quantize section exists)."""
-    types = (read_params(params_path).get("quantize") or {}).get("types") or []
-    return [t for t in types if t not in variants]
-
-
-def run(params_path: str, evaluated: Path, reference: Path, generations: Path, loss_dir: Path, out: Path,
+def run(params: EvaluateParams, evaluated: Path, reference: Path, generations: Path, loss_dir: Path, out: Path,
         figures_dir: Path, table: Path) -> dict:
-    params = load_section(EvaluateParams, "evaluate", params_path)
-    variants = list(params.variants)
-    left_out = missing_quant_types(params_path, variants)
-    if left_out:
-        raise StageError(f"quantize.types has {left_out[0]!r} but evaluate.variants does not: add "
-                         f"'{left_out[0]}: model-{left_out[0]}' to evaluate.variants")
-    inputs = load_inputs(variants, evaluated, reference, generations)
+    inputs = load_inputs(list(params.variants), evaluated, reference, generations)
     rows = table_rows(inputs)
     goals = targets(inputs)
     env = environment(inputs)
@@ -378,13 +365,14 @@ def attach_to_variant_runs(mlflow, run_id: str, files: list[Path]) -> int:
 def main(argv: list[str] | None = None) -> None:
     ap = stage_parser(__doc__, "evaluated", "reference", "generations", "loss", "out", "figures", "table", "metrics")
     args = parse_stage_args(ap, argv)
+    params = load_params(args.params).evaluate
     import matplotlib
 
     matplotlib.use("Agg")
     from stages.tracking import log_metrics, stage_run
 
     with stage_run("report", {"evaluated": str(args.evaluated)}) as mlflow:
-        metrics = run(args.params, args.evaluated, args.reference, args.generations, args.loss, args.out,
+        metrics = run(params, args.evaluated, args.reference, args.generations, args.loss, args.out,
                       args.figures, args.table)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "targets"})

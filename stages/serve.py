@@ -3,17 +3,34 @@
 Run: python -m stages.serve --model models/gguf/model-q4_k_m.gguf [--port 8000]
 Then: curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
           -d '{"prompt": "...", "max_tokens": 64}'
-The file is validated first (a truncated or non-GGUF file is one `error:` line, not a crash); `n_ctx` and the
+The file is validated first (a truncated or non-GGUF file is one `error:` line, not a crash), then tried in
+llama.cpp in a child process, and the port is checked free before the model loads; `n_ctx` and the
 seed come from the `generate` section of params.yaml. Only loopback by default: pass --host to expose it.
 """
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
-from stages.config import load_section
+from stages.config import load_params
 from stages.errors import StageError, cli
 from stages.generate import GenerateParams, check_model
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind the address once before the model loads: a busy port is one line now, not an error buried in
+    uvicorn's shutdown log after the load."""
+    if not 0 < port < 65536:
+        raise StageError(f"--port must be in 1..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a TIME_WAIT port is free
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StageError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server running? "
+                             f"stop it or pick another port: make serve PORT={port + 1})") from exc
 
 
 def build_app(model: Path, g: GenerateParams, host: str, port: int):
@@ -21,7 +38,9 @@ def build_app(model: Path, g: GenerateParams, host: str, port: int):
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
     from stages.gguf_io import captured_stderr
+    from stages.native import preflight
 
+    preflight(model)  # a build or file that crashes llama.cpp: one line from a child, before the server starts
     with captured_stderr() as log:
         try:
             return create_app(server_settings=ServerSettings(host=host, port=port),
@@ -39,8 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     args = ap.parse_args(argv)
-    g = load_section(GenerateParams, "generate", args.params)
+    g = load_params(args.params).generate
     check_model(args.model)
+    check_port(args.host, args.port)
     app = build_app(args.model, g, args.host, args.port)
     import uvicorn
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +36,20 @@ def _git_commit() -> str:
 def _file_hash(path: str) -> str:
     p = Path(path)
     return hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.exists() else "none"
+
+
+def build_record() -> dict[str, str]:
+    """How `make setup` built llama.cpp (scripts/llama_build.py writes <venv>/llama-build.json)."""
+    import json
+    import sys
+
+    path = Path(sys.prefix) / "llama-build.json"
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"llama_build": f"unknown (no {path}: llama-cpp-python was not installed by make setup)"}
+    return {"llama_build": rec.get("choice", "unknown"), "llama_cmake_args": rec.get("cmake_args", "unknown"),
+            "llama_build_system_info": rec.get("system_info", "unknown")}
 
 
 def run_tags(stage: str) -> dict[str, str]:
@@ -94,13 +110,54 @@ def stage_run(stage: str, params: dict, run_name: str | None = None) -> Iterator
     with _store_init_lock(uri):
         experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
         parent = _parent_run(MlflowClient(), experiment.experiment_id, tags)
-    tags = {**tags, "kind": "stage", "mlflow.parentRunId": parent}
+    _fail_orphans(MlflowClient(), experiment.experiment_id)
+    tags = {**tags, "kind": "stage", "mlflow.parentRunId": parent, "host": socket.gethostname(),
+            "pid": str(os.getpid()), **build_record()}
     # A run left active by an earlier crash in this process would make start_run fail ("Run already active").
     while mlflow.active_run():
         mlflow.end_run("KILLED")
-    with mlflow.start_run(run_name=run_name or stage, tags=tags):
+    with _sigterm_as_exit(), mlflow.start_run(run_name=run_name or stage, tags=tags):
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
-        yield mlflow
+        yield mlflow  # an exception (a StageError, a NativeCrash, SIGTERM) ends the run FAILED
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (dvc or a user stopping the stage) unwinds like an exception, so the run is ended FAILED."""
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fail_orphans(client: Any, experiment_id: str) -> None:
+    """Stage runs still RUNNING whose process on this host is gone (killed by a signal, SIGKILL, OOM) can never
+    end themselves: mark them FAILED so the UI does not show them running for ever."""
+    host = socket.gethostname()
+    for run in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.kind = 'stage' "
+                                  f"and tags.host = '{host}'", max_results=200):
+        pid = run.data.tags.get("pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            client.set_tag(run.info.run_id, "failure", "its process died without ending the run (killed by a signal)")
+            client.set_terminated(run.info.run_id, status="FAILED")
 
 
 def log_metrics(mlflow: Any, metrics: dict, prefix: str = "") -> None:

@@ -152,8 +152,8 @@ def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_merged(tmp_path_factory, tiny_model_dir, tiny_adapter) -> tuple[Path, dict]:
     """(merged folder, merge metrics): the tiny model merged with `tiny_adapter` by the merge stage's `run`."""
-    from stages.merge import ExportParams, run
-    from stages.prompts import PromptParams
+    from stages.config import ExportParams, PromptParams
+    from stages.merge import run
 
     root = tmp_path_factory.mktemp("merged")
     params = ExportParams(dtype="fp32", max_shard_size="2MB", consolidated=True, gate_prompts=3,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.base import BaseParams, check_architecture, resolve, run
+from stages.base import check_architecture, resolve, run
+from stages.config import BaseParams
 from stages.errors import StageError
 
 

@@ -1,17 +1,21 @@
-"""params.yaml loading: typed, complete, and strict about unknown keys."""
+"""params.yaml loading: typed, complete, strict about unknown keys, checked whole at every entry point."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytest
 import yaml
 
-from stages.config import build, load_section
+from stages.config import Params, build, load_params
 from stages.errors import StageError
-from stages.prepare import DataParams
+from tests.conftest import ROOT, run_module
 
-ROOT_PARAMS = "params.yaml"
+ROOT_PARAMS = ROOT / "params.yaml"
 
 
 @dataclass(frozen=True)
@@ -61,14 +65,18 @@ def test_build_rejects_missing_key():
 
 def test_repo_params_load_for_every_section():
     doc = yaml.safe_load(open(ROOT_PARAMS))
-    assert load_section(DataParams, "data", ROOT_PARAMS).fraction == doc["data"]["fraction"]
+    params = load_params(ROOT_PARAMS)
+    assert params.data.fraction == doc["data"]["fraction"]
+    assert [f.name for f in dataclasses.fields(Params)] == list(doc)  # one field per section, in file order
+    assert params.quantize.types == tuple(doc["quantize"]["types"])
+    assert params.evaluate.variants == doc["evaluate"]["variants"]
 
 
 def test_malformed_params_file_is_one_line_error(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("data: [unclosed\n")
     with pytest.raises(StageError, match="not valid YAML") as err:
-        load_section(DataParams, "data", bad)
+        load_params(bad)
     assert "\n" not in str(err.value)
 
 
@@ -78,4 +86,94 @@ def test_range_checks_name_the_key(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(doc))
     with pytest.raises(StageError, match=r"data\.fraction must be in \(0, 1\]"):
-        load_section(DataParams, "data", p)
+        load_params(p)
+
+
+def write_params(tmp: Path, edit) -> Path:
+    """The repo's params.yaml changed by `edit(doc)`, written to tmp."""
+    doc = yaml.safe_load(ROOT_PARAMS.read_text())
+    edit(doc)
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def one_line_error(path: Path) -> str:
+    with pytest.raises(StageError) as err:
+        load_params(path)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d.pop("export"), "missing key 'export'"),
+    (lambda d: d.update(exprt=d["export"]), "unknown key 'exprt'"),
+    (lambda d: d.update(export=3), "'export' must be a mapping"),
+    (lambda d: d["evaluate"]["speed"].pop("runs"), "missing key 'evaluate.speed.runs'"),
+], ids=["missing-section", "unknown-section", "section-not-mapping", "missing-nested-key"])
+def test_whole_file_problems_name_the_full_key(tmp_path, edit, needle):
+    assert needle in one_line_error(write_params(tmp_path, edit))
+
+
+def test_missing_section_stops_prepare_before_any_work(tmp_path):
+    """`prepare` reads only `data`, but a file without `export` must stop it, not a stage hours later."""
+    params = write_params(tmp_path, lambda d: d.pop("export"))
+    before = sorted(tmp_path.rglob("*"))
+    proc = run_module("stages.prepare", "--params", str(params), "--out", str(tmp_path / "out/prepared"),
+                      "--metrics", str(tmp_path / "out/prepare.json"),
+                      env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "'export'" in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert sorted(tmp_path.rglob("*")) == before  # no output folder, no metrics, no MLflow run
+
+
+@pytest.mark.parametrize("types, needle", [
+    (["q4_0", "q5_0"], "quantize.types has 'q5_0' but no evaluate.variants entry has the GGUF stem 'model-q5_0'"),
+    (["q4_0", "q4_0"], "quantize.types lists 'q4_0' more than once"),
+    ([], "quantize.types must list at least one"),
+])
+def test_quantize_types_are_checked_against_evaluate_variants(tmp_path, types, needle):
+    assert needle in one_line_error(write_params(tmp_path, lambda d: d["quantize"].update(types=types)))
+
+
+def test_a_variant_name_alone_does_not_cover_a_quantize_type(tmp_path):
+    def edit(doc):
+        doc["evaluate"]["variants"]["q4_0"] = "model-q4_0-old"
+
+    assert "'q4_0'" in one_line_error(write_params(tmp_path, edit))
+
+
+# Every command-line entry point with its required options (given dummy paths: the params check comes first).
+ENTRY_POINTS = {
+    "stages.base": ("out", "metrics"),
+    "stages.prepare": ("out", "metrics"),
+    "stages.finetune": ("base", "data", "out", "checkpoints", "metrics", "plots"),
+    "stages.merge": ("base", "adapter", "val", "out", "metrics"),
+    "stages.consolidate": ("merged", "val", "out", "metrics"),
+    "stages.convert": ("model", "val", "out", "metrics"),
+    "stages.quantize": ("type", "src", "out", "modelfile", "metrics"),
+    "stages.reference": ("gguf", "merged", "val", "out", "metrics"),
+    "stages.evaluate": ("variant", "gguf", "reference", "metrics", "generations"),
+    "stages.report": ("evaluated", "reference", "generations", "loss", "out", "figures", "table", "metrics"),
+    "stages.generate": ("model", "prompt"),
+    "stages.serve": ("model",),
+    "stages.bench_infer": ("gguf",),
+    "benchmarks.bench_finetune": (),
+}
+
+
+def test_entry_point_list_is_complete():
+    found = {f"{p.parent.name}.{p.stem}" for folder in ("stages", "benchmarks") for p in (ROOT / folder).glob("*.py")
+             if re.search(r"^def main\(", p.read_text(), re.MULTILINE)}
+    assert found == set(ENTRY_POINTS)
+
+
+@pytest.mark.parametrize("module", sorted(ENTRY_POINTS))
+def test_every_entry_point_checks_the_whole_file(tmp_path, module):
+    params = write_params(tmp_path, lambda d: d.pop("export"))
+    argv = ["--params", str(params)]
+    for name in ENTRY_POINTS[module]:
+        argv += [f"--{name}", str(tmp_path / name)]
+    with pytest.raises(StageError, match="missing key 'export'"):
+        importlib.import_module(module).main(argv)

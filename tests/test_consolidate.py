@@ -9,8 +9,8 @@ import torch
 from conftest import write_val
 from test_merge import PARAMS, PROMPT
 
+from stages.config import ExportParams
 from stages.consolidate import SKIP_MARKER, WEIGHTS, run, to_hf, to_meta
-from stages.merge import ExportParams
 from stages.parity import GateFailure
 
 

@@ -35,7 +35,10 @@ def test_every_stage_declares_the_modules_it_imports():
     for name, stage in stages.items():
         body = stage.get("do", stage)
         module = re.search(r"-m stages\.(\w+)", body["cmd"]).group(1)
-        missing = stage_modules(module) - set(body["deps"])
+        declared = {d for d in body["deps"] if d.startswith("stages/")}
+        missing = stage_modules(module) - declared
         assert not missing, f"dvc.yaml stage {name!r} imports {sorted(missing)} but does not list them in deps"
+        extra = declared - stage_modules(module)
+        assert not extra, f"dvc.yaml stage {name!r} lists {sorted(extra)}, which it never imports (needless reruns)"
         checked += 1
     assert checked == len(stages) >= 9

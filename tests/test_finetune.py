@@ -24,11 +24,14 @@ TINY = {
 
 
 def setup_run(tmp_path: Path, model_dir: Path, n_train: int = 16, n_val: int = 4, **overrides) -> tuple[Path, list]:
-    """params.yaml + data folder for a run on `model_dir`; returns (workdir, CLI args)."""
+    """params.yaml (the repo's, with TINY training) + data folder for a run on `model_dir`; (workdir, CLI args)."""
     finetune = {**TINY, **overrides}
     if "lora" in overrides:
         finetune["lora"] = {**TINY["lora"], **overrides["lora"]}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"finetune": finetune, "prompt": {"template": "alpaca"}}))
+    # Every stage checks the whole file, so the other sections come along unchanged.
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc.update(finetune=finetune, prompt={"template": "alpaca"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     records = make_records(n_train + n_val)

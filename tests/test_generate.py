@@ -72,3 +72,35 @@ def test_serve_answers_openai_requests_on_loopback(tiny_gguf):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_prompt_longer_than_the_context_is_one_line_error(tiny_gguf):
+    proc = run_module("stages.generate", "--model", str(tiny_gguf), "-n", "8", "--prompt", "word " * 3000)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("error: the prompt is ") and "context window is 2048" in lines[0]
+    assert "generate.n_ctx" in lines[0]
+
+
+def test_prompt_leaving_less_room_than_n_warns_and_cuts_the_answer(tiny_gguf):
+    from stages.generate import fit_new_tokens
+
+    assert fit_new_tokens(100, 50, 2048) == 50
+    assert fit_new_tokens(2000, 200, 2048) == 48
+    proc = run_module("stages.generate", "--model", str(tiny_gguf), "-n", "200", "--prompt", "word " * 1900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: the prompt is " in proc.stderr and "fit the context window of 2048" in proc.stderr
+
+
+def test_serve_on_a_busy_port_fails_before_loading_the_model(tiny_gguf):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_module("stages.serve", "--model", str(tiny_gguf), "--port", str(port), timeout=120,
+                          env={"LLAMA_CHILD_FAULT": "SIGILL"})  # the model must not even be tried
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot listen on 127.0.0.1:{port}"), lines
+    assert "PORT=" in lines[0] and "serving" not in proc.stdout

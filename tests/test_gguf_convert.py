@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import run_module, write_val
 
-from stages.convert import ConvertParams, gate_message, gguf_gates
+from stages.config import ConvertParams
+from stages.convert import gate_message, gguf_gates
 from stages.errors import StageError
 from stages.gguf_io import all_logits, check_gguf, field_value, open_llama, tensor_infos, tokenize
 from stages.parity import gate_texts

@@ -6,10 +6,10 @@ import shutil
 import pytest
 from conftest import make_adapter, run_module, write_val
 
+from stages.config import ExportParams, PromptParams
 from stages.errors import StageError
-from stages.merge import ExportParams, check_adapter_fits, run
+from stages.merge import check_adapter_fits, run
 from stages.parity import GateFailure
-from stages.prompts import PromptParams
 
 PARAMS = ExportParams(dtype="fp32", max_shard_size="2MB", consolidated=True, gate_prompts=3, gate_max_tokens=64,
                       max_logit_diff=1e-3)
@@ -91,15 +91,14 @@ def test_params_yaml_export_sections_load():
     import yaml
     from conftest import ROOT
 
-    from stages.config import load_section
-    from stages.convert import ConvertParams
-    from stages.generate import GenerateParams
+    from stages.config import load_params
     from stages.quantize import valid_types
 
     params = ROOT / "params.yaml"
-    assert load_section(ExportParams, "export", params).dtype in ("fp32", "bf16", "fp16")
-    assert load_section(ConvertParams, "convert", params).min_top1_agreement == 0.99
-    assert load_section(GenerateParams, "generate", params).n_ctx >= 64
+    loaded = load_params(params)
+    assert loaded.export.dtype in ("fp32", "bf16", "fp16")
+    assert loaded.convert.min_top1_agreement == 0.99
+    assert loaded.generate.n_ctx >= 64
     types = yaml.safe_load(params.read_text())["quantize"]["types"]
     assert types and set(types) <= set(valid_types())
     with pytest.raises(ValueError, match="export.gate_prompts"):

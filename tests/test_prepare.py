@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from stages.config import DataParams
 from stages.errors import StageError
-from stages.prepare import DataParams, load_source, run, sample_split, validate
+from stages.prepare import load_source, run, sample_split, validate
 from tests.conftest import ROOT, make_records, run_module, write_records
 
 

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 from conftest import run_module
 
+from stages.config import PromptParams
 from stages.errors import StageError
 from stages.gguf_io import open_llama, tensor_infos
-from stages.prompts import PromptParams
 from stages.quantize import check_type, modelfile, run, valid_types
 
 ALPACA = PromptParams(template="alpaca")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.prepare import DataParams, run as prepare
+from stages.config import DataParams
+from stages.prepare import run as prepare
 from tests.conftest import make_records, write_records
 from tests.test_finetune import finetune, setup_run
 
