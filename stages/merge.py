@@ -20,10 +20,11 @@ import logging
 import time
 from pathlib import Path
 
-from stages.atomic import ensure_writable, sha256_files
-from stages.config import ExportParams, PromptParams, as_dict, load_params
-from stages.errors import StageError, cli, parse_stage_args, stage_parser
-from stages.parity import GateFailure, run_gated
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import ExportParams, PromptParams, as_dict, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import ensure_writable, sha256_files
+from alpaca_lora_cpu.parity import GateFailure, run_gated
 
 log = logging.getLogger("merge")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -115,8 +116,8 @@ def run(params: ExportParams, prompt: PromptParams, base: Path, adapter: Path, v
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.atomic import atomic_path
-    from stages.parity import compare, gate_texts, hf_logits, hf_token_ids
+    from alpaca_lora_cpu.files import atomic_path
+    from alpaca_lora_cpu.parity import compare, gate_texts, hf_logits, hf_token_ids
 
     targets = check_adapter_fits(base, adapter)
     ensure_writable(out)
@@ -174,12 +175,12 @@ def _gate_message(m: dict, p: ExportParams) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = stage_parser(__doc__, "base", "adapter", "val", "out", "metrics")
-    args = parse_stage_args(ap, argv)
+    ap = make_parser(__doc__, "base", "adapter", "val", "out", "metrics")
+    args = parse_args(ap, argv)
     config = load_params(args.params)
     params, prompt = config.export, config.prompt
     ensure_writable(args.metrics)
-    from stages.tracking import stage_run
+    from alpaca_lora_cpu.tracking import stage_run
 
     with stage_run("merge", {"export": as_dict(params), "prompt": as_dict(prompt)}) as mlflow:
         metrics = run_gated(mlflow, args.metrics,
@@ -189,4 +190,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

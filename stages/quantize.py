@@ -1,8 +1,8 @@
 """quantize: the reference GGUF → one llama.cpp quantization level, with an Ollama Modelfile beside it.
 
 Run (dvc.yaml runs one `quantize@<type>` per entry of `quantize.types`, each cached on its own):
-    python -m stages.quantize --params params.yaml --type q4_k_m --src models/gguf/model-f16.gguf \
-        --out models/gguf/model-q4_k_m.gguf --modelfile models/gguf/model-q4_k_m.Modelfile \
+    python -m stages.quantize --params params.yaml --type q4_k_m --src models/gguf/finetuned-reference.gguf \
+        --out models/gguf/finetuned-q4_k_m.gguf --modelfile models/gguf/finetuned-q4_k_m.Modelfile \
         --metrics reports/metrics/quantize/q4_k_m.json
 
 Quantizes with llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`, default params, the ftype named by
@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import re
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from stages.atomic import atomic_path, ensure_writable, write_json, write_text
-from stages.config import PromptParams, as_dict, load_params
-from stages.errors import StageError, cli, parse_stage_args, stage_parser
-from stages.prompts import ALPACA_NO_INPUT
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import PromptParams, as_dict, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import atomic_path, ensure_writable, write_json, write_text
+from alpaca_lora_cpu.prompts import ALPACA_NO_INPUT
 
 log = logging.getLogger("quantize")
 TYPE_NAME = re.compile(r"^(Q[2-8]_(0|1|K|K_[SML])|F16|BF16)$")
@@ -56,7 +58,7 @@ def _quantize(src: str, dst: str, ftype: int, nthread: int) -> tuple[int, float,
     """llama.cpp's quantizer with its default params (runs in a child); (return code, seconds, its log lines)."""
     import llama_cpp
 
-    from stages.gguf_io import captured_stderr
+    from alpaca_lora_cpu.llama import captured_stderr
 
     qp = llama_cpp.llama_model_quantize_default_params()
     qp.ftype = ftype
@@ -69,9 +71,7 @@ def _quantize(src: str, dst: str, ftype: int, nthread: int) -> tuple[int, float,
 
 def quantize_file(src: Path, dst: Path, ftype: int) -> tuple[float, list[str]]:
     """Quantize in a child process, so a llama.cpp crash is a one-line error; (seconds, llama.cpp's log lines)."""
-    import os
-
-    from stages.native import call_in_child
+    from alpaca_lora_cpu.native import call_in_child
 
     rc, seconds, lines = call_in_child(_quantize, str(src), str(dst), ftype, os.cpu_count() or 1, file=src,
                                        action="quantizing")
@@ -130,17 +130,16 @@ def smoke_test(path: Path) -> None:
     """The quantized file loads in llama.cpp and yields finite logits."""
     import numpy as np
 
-    from stages.gguf_io import open_llama, tokenize
+    from alpaca_lora_cpu.llama import all_logits, open_llama, tokenize
 
-    with open_llama(path, n_ctx=64) as llm:
-        ids = tokenize(llm, "Hello, world")
-        llm.eval(ids)
-        if not np.isfinite(np.array(llm.scores[len(ids) - 1])).all():
+    # logits_all: without it llama-cpp-python never fills `scores`, and the check would read uninitialised memory.
+    with open_llama(path, n_ctx=64, threads=os.cpu_count() or 1, logits_all=True) as llm:
+        if not np.isfinite(all_logits(llm, tokenize(llm, "Hello, world"))).all():
             raise StageError(f"{path}: llama.cpp produced non-finite logits")
 
 
 def run(qtype: str, prompt: PromptParams, src: Path, out: Path, modelfile_out: Path) -> dict:
-    from stages.gguf_io import bits_per_weight, check_gguf, field_value, tensor_infos, type_counts
+    from alpaca_lora_cpu.gguf_files import bits_per_weight, check_gguf, field_value, tensor_infos, type_counts
 
     ftype = check_type(qtype)
     reader = check_gguf(src)
@@ -164,13 +163,13 @@ def run(qtype: str, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = stage_parser(__doc__, "src", "out", "modelfile", "metrics")
+    ap = make_parser(__doc__, "src", "out", "modelfile", "metrics")
     ap.add_argument("--type", required=True, help="quantization level, e.g. q4_k_m")
-    args = parse_stage_args(ap, argv)
+    args = parse_args(ap, argv)
     prompt = load_params(args.params).prompt
     check_type(args.type)
     ensure_writable(args.metrics)
-    from stages.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import log_metrics, stage_run
 
     with stage_run("quantize", {"quantize": {"type": args.type}, "prompt": as_dict(prompt)},
                    run_name=f"quantize@{args.type}") as mlflow:
@@ -182,4 +181,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

@@ -1,13 +1,14 @@
-"""reference: the evaluation set and the fine-tuned f16 model's next-token distributions on it, computed once.
+"""reference: the evaluation set and the fine-tuned reference GGUF's next-token distributions on it, computed once.
 
-Run: python -m stages.reference --params params.yaml --gguf models/gguf/model-f16.gguf --merged models/merged \
-         --val data/prepared/val.jsonl --out models/reference --metrics reports/metrics/reference.json
+Run: python -m stages.reference --params params.yaml --gguf models/gguf/finetuned-reference.gguf \
+         --merged models/merged --val data/prepared/val.jsonl --out models/reference \
+         --metrics reports/metrics/reference.json
 
-- Renders the held-out records with the prompt template (stages/prompts.py) and tokenizes prompt and response
+- Renders the held-out records with the prompt template (alpaca_lora_cpu/prompts.py) and tokenizes prompt and response
   with the GGUF's own tokenizer (prompt masked: only response tokens and the closing EOS are scored).
-- Runs finetuned-f16 (llama.cpp, like `llama-perplexity --kl-divergence-base`) and stores, per response
+- Runs finetuned (llama.cpp, like `llama-perplexity --kl-divergence-base`) and stores, per response
   position, its top-`reference.top_k` log-probs, the exact log-mass of the rest and the correct token's
-  log-prob (see stages/metrics.py for why that is enough for KLD, top-1 and Δp).
+  log-prob (see src/alpaca_lora_cpu/metrics.py for why that is enough for KLD, top-1 and Δp).
 - Stores the prompts every variant answers: the first `reference.generate_records` validation prompts and the
   fixed `reference.showcase_prompts`.
 - Measures Hugging Face transformers fp32 speed on models/merged (the "without llama.cpp" reference), with
@@ -19,24 +20,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from stages.atomic import atomic_path, sha256_file, write_json, write_jsonl
-from stages.config import ReferenceParams, SpeedParams, as_dict, load_params
-from stages.errors import StageError, cli, parse_stage_args, stage_parser
-from stages.prompts import render, render_record
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import ReferenceParams, SpeedParams, as_dict, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import atomic_path, read_jsonl, sha256_file, write_json, write_jsonl
+from alpaca_lora_cpu.prompts import render, render_record
 
 log = logging.getLogger("reference")
 
 
 def read_val(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise StageError(f"validation split {path} not found (run the prepare stage)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path, "validation split", "run the prepare stage")
     if not rows:
         raise StageError(f"validation split {path} is empty: nothing to evaluate (check data.val_size / "
                          f"data.max_samples)")
@@ -60,19 +59,19 @@ def score_reference(gguf: Path, records: list[dict], prompts: list[str], params:
     """Token sequences and the reference's compact distributions over every response position."""
     from tqdm import tqdm
 
-    from stages.llama_io import open_gguf, response_log_probs, tokenize_record
-    from stages.metrics import top_k_summary
+    from alpaca_lora_cpu.llama import open_llama, response_log_probs, tokenize_record
+    from alpaca_lora_cpu.metrics import top_k_summary
 
-    probe = open_gguf(gguf, threads=threads, n_ctx=64)
-    seqs = [tokenize_record(probe, p, r["output"], params.max_response_tokens) for p, r in zip(prompts, records)]
-    n_vocab = probe.n_vocab()
-    del probe
+    with open_llama(gguf, threads=threads, n_ctx=64) as probe:
+        seqs = [tokenize_record(probe, p, r["output"], params.max_response_tokens)
+                for p, r in zip(prompts, records, strict=True)]
+        n_vocab = probe.n_vocab()
     n_ctx = max(len(ids) for ids, _ in seqs)
-    llm = open_gguf(gguf, threads=threads, n_ctx=n_ctx, logits_all=True)
     parts = []
-    for ids, n_prompt in tqdm(seqs, desc="reference logits", unit="record"):
-        logp = response_log_probs(llm, ids, n_prompt)
-        parts.append(top_k_summary(logp, np.asarray(ids[n_prompt:]), params.top_k))
+    with open_llama(gguf, threads=threads, n_ctx=n_ctx, logits_all=True) as llm:
+        for ids, n_prompt in tqdm(seqs, desc="reference logits", unit="record"):
+            logp = response_log_probs(llm, ids, n_prompt)
+            parts.append(top_k_summary(logp, np.asarray(ids[n_prompt:]), params.top_k))
     lengths = [len(ids) for ids, _ in seqs]
     return {
         "tokens": np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in seqs]),
@@ -90,7 +89,8 @@ def hf_speed(merged: Path, threads: int, speed: SpeedParams) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.llama_io import FILLER
+    from alpaca_lora_cpu.llama import FILLER
+    from alpaca_lora_cpu.metrics import speed_runs
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -116,12 +116,7 @@ def hf_speed(merged: Path, threads: int, speed: SpeedParams) -> dict:
             elapsed = time.perf_counter() - t0
         return (out.shape[1] - 1) / elapsed
 
-    pp(), tg()  # warm-up
-    pp_runs = [pp() for _ in range(speed.runs)]
-    tg_runs = [tg() for _ in range(speed.runs)]
-    return {"load_s": load_s, "prompt_tps": statistics.median(pp_runs), "gen_tps": statistics.median(tg_runs),
-            "prompt_tps_runs": pp_runs, "gen_tps_runs": tg_runs, "threads": threads,
-            "torch": torch.__version__}
+    return {"load_s": load_s, **speed_runs(pp, tg, speed.runs), "threads": threads, "torch": torch.__version__}
 
 
 def run_id_of(gguf_sha: str, val_sha: str, params: ReferenceParams, template: str) -> str:
@@ -164,7 +159,7 @@ def run(params: ReferenceParams, template: str, threads: int, speed: SpeedParams
         np.savez_compressed(tmp / "reference.npz", **arrays)
         write_jsonl(tmp / "prompts.jsonl", rows)
         write_json(tmp / "meta.json", meta)
-    from stages.metrics import perplexity
+    from alpaca_lora_cpu.metrics import perplexity
 
     return {"run_id": run_id, "records": meta["records"], "positions": meta["positions"],
             "generate_prompts": n_gen, "showcase_prompts": len(params.showcase_prompts),
@@ -173,12 +168,12 @@ def run(params: ReferenceParams, template: str, threads: int, speed: SpeedParams
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = stage_parser(__doc__, "gguf", "merged", "val", "out", "metrics")
-    args = parse_stage_args(ap, argv)
+    ap = make_parser(__doc__, "gguf", "merged", "val", "out", "metrics")
+    args = parse_args(ap, argv)
     config = load_params(args.params)
     params, template, ev = config.reference, config.prompt.template, config.evaluate
     records = check_inputs(args.gguf, args.merged, args.val)
-    from stages.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import log_metrics, stage_run
 
     with stage_run("reference", {"reference": as_dict(params), "prompt": {"template": template},
                                  "evaluate": {"threads": ev.threads, "speed": as_dict(ev.speed)}}) as mlflow:
@@ -193,4 +188,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

@@ -21,17 +21,17 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from stages.atomic import atomic_path, write_json, write_text
-from stages.config import REFERENCE_VARIANT, EvaluateParams, load_params
-from stages.errors import StageError, cli, parse_stage_args, stage_parser
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import REFERENCE_VARIANT, EvaluateParams, ReportParams, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import atomic_path, read_json, read_jsonl, write_csv, write_json, write_text
 
 log = logging.getLogger("report")
-BASE_VARIANT = "base-f16"
+BASE_VARIANT = "base"
 COMPARE_VARIANTS = (REFERENCE_VARIANT, "q4_0", "q2_k")  # answers to the first showcase prompt
-TARGET_Q8_KLD, TARGET_Q8_TOP1, TARGET_Q4_SPEEDUP = 0.005, 0.95, 5.0
 COLUMNS = [  # (csv key, table header, format)
     ("variant", "variant", "{}"), ("size_mb", "size MB", "{:.1f}"), ("bits_per_weight", "bits/w", "{:.2f}"),
-    ("ppl", "PPL", "{:.3f}"), ("delta_ppl", "ΔPPL vs f16", "{:+.3f}"), ("kld_mean", "KLD mean", "{:.4g}"),
+    ("ppl", "PPL", "{:.3f}"), ("delta_ppl", "ΔPPL vs finetuned", "{:+.3f}"), ("kld_mean", "KLD mean", "{:.4g}"),
     ("kld_p99", "KLD p99", "{:.4g}"), ("top1_pct", "top-1 %", "{:.2f}"), ("rms_dp_pct", "RMS Δp %", "{:.2f}"),
     ("rouge_l", "ROUGE-L", "{:.3f}"), ("eos_pct", "EOS-stop %", "{:.0f}"), ("prompt_tps", "prompt tok/s", "{:.0f}"),
     ("gen_tps", "gen tok/s", "{:.1f}"), ("load_s", "load s", "{:.2f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
@@ -45,35 +45,18 @@ class Inputs:
     generations: dict[str, list[dict]]
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise StageError(f"{what} {path} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise StageError(f"{what} {path} is not valid JSON ({exc})") from exc
-
-
 def load_inputs(variants: list[str], evaluated: Path, reference: Path, generations: Path) -> Inputs:
-    ref = _read_json(reference, "reference metrics")
-    found = {}
-    for v in variants:
-        path = evaluated / f"{v}.json"
-        if not path.is_file():
-            raise StageError(f"variant {v}: metrics {path} not found (run `dvc repro evaluate@{v}`)")
-        found[v] = _read_json(path, f"variant {v}: metrics")
+    ref = read_json(reference, "reference metrics")
+    found = {v: read_json(evaluated / f"{v}.json", f"variant {v}: metrics", f"run `dvc repro evaluate@{v}`")
+             for v in variants}
     mismatched = [(v, m.get("run_id")) for v, m in found.items() if m.get("run_id") != ref["run_id"]]
     if mismatched:
         v, rid = mismatched[0]
         raise StageError(f"metrics from different pipeline runs: {evaluated / (v + '.json')} has run_id {rid}, "
                          f"{reference} has {ref['run_id']} ({len(mismatched)} of {len(found)} variants differ); "
                          f"rerun the evaluate stages (dvc repro)")
-    gens = {}
-    for v in variants:
-        path = generations / f"{v}.generations.jsonl"
-        if not path.is_file():
-            raise StageError(f"variant {v}: generations {path} not found (run `dvc repro evaluate@{v}`)")
-        gens[v] = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    gens = {v: read_jsonl(generations / f"{v}.generations.jsonl", f"variant {v}: generations",
+                          f"run `dvc repro evaluate@{v}`") for v in variants}
     return Inputs(ref, found, gens)
 
 
@@ -100,30 +83,30 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def targets(inputs: Inputs) -> list[dict]:
-    """Each target of the project: met / missed / not measured, with the numbers."""
+def targets(inputs: Inputs, goal: ReportParams) -> list[dict]:
+    """Each target of the project (params.yaml `report`): met / missed / not measured, with the numbers."""
     v, hf = inputs.variants, inputs.reference["hf_fp32"]
     out = []
     if BASE_VARIANT in v:
         base, ft = v[BASE_VARIANT]["ppl"], v[REFERENCE_VARIANT]["ppl"]
         out.append({"target": "fine-tuned response PPL below the base model's", "met": ft < base,
-                    "numbers": f"finetuned-f16 {ft:.3f} vs base-f16 {base:.3f}"})
+                    "numbers": f"finetuned {ft:.3f} vs base {base:.3f}"})
     else:
         out.append({"target": "fine-tuned response PPL below the base model's", "met": None,
-                    "numbers": "base-f16 not evaluated"})
+                    "numbers": "base not evaluated"})
     if "q8_0" in v:
         kld, top1 = v["q8_0"]["kld_mean"], v["q8_0"]["top1_agreement"]
-        out.append({"target": f"q8_0 mean KLD ≤ {TARGET_Q8_KLD}", "met": kld <= TARGET_Q8_KLD,
+        out.append({"target": f"q8_0 mean KLD ≤ {goal.q8_max_kld}", "met": kld <= goal.q8_max_kld,
                     "numbers": f"{kld:.4g}"})
-        out.append({"target": f"q8_0 top-1 agreement ≥ {TARGET_Q8_TOP1:.0%}", "met": top1 >= TARGET_Q8_TOP1,
+        out.append({"target": f"q8_0 top-1 agreement ≥ {goal.q8_min_top1:.0%}", "met": top1 >= goal.q8_min_top1,
                     "numbers": f"{100 * top1:.2f}%"})
     else:
         out.append({"target": "q8_0 KLD / top-1", "met": None, "numbers": "q8_0 not evaluated"})
     if "q4_0" in v:
         q4 = v["q4_0"]["speed"]["gen_tps"]
         ratio = q4 / hf["gen_tps"]
-        out.append({"target": f"q4_0 generates ≥ {TARGET_Q4_SPEEDUP:.0f}× faster than transformers fp32",
-                    "met": ratio >= TARGET_Q4_SPEEDUP,
+        out.append({"target": f"q4_0 generates ≥ {goal.q4_min_speedup:g}× faster than transformers fp32",
+                    "met": ratio >= goal.q4_min_speedup,
                     "numbers": f"{q4:.1f} vs {hf['gen_tps']:.1f} tok/s = {ratio:.2f}×"})
     else:
         out.append({"target": "q4_0 speed-up over transformers fp32", "met": None, "numbers": "q4_0 not evaluated"})
@@ -144,14 +127,14 @@ def plot_quality(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "kld_mean", "mean KLD vs finetuned-f16"), (axes[1], "ppl", "response PPL")):
+    for ax, key, label in ((axes[0], "kld_mean", "mean KLD vs finetuned"), (axes[1], "ppl", "response PPL")):
         pts = [(r["size_mb"], r[key]) for r in rows if r["variant"] != BASE_VARIANT]
-        ax.scatter(*zip(*pts), color="tab:blue")
+        ax.scatter(*zip(*pts, strict=True), color="tab:blue")
         front = _pareto(pts)
-        ax.plot(*zip(*front), color="tab:orange", lw=1, label="Pareto front")
+        ax.plot(*zip(*front, strict=True), color="tab:orange", lw=1, label="Pareto front")
         for r in rows:
             if r["variant"] == BASE_VARIANT:
-                ax.scatter([r["size_mb"]], [r[key]], color="tab:gray", marker="x", label="base-f16")
+                ax.scatter([r["size_mb"]], [r[key]], color="tab:gray", marker="x", label="base")
             ax.annotate(r["variant"], (r["size_mb"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if key == "kld_mean":
             ax.set_yscale("symlog", linthresh=1e-4)
@@ -216,7 +199,7 @@ def plot_loss(series: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, pts in series.items():
-        ax.plot(*zip(*sorted(pts)), label=name, marker="." if len(pts) < 30 else None)
+        ax.plot(*zip(*sorted(pts), strict=True), label=name, marker="." if len(pts) < 30 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("Fine-tuning loss")
@@ -243,9 +226,9 @@ def showcase(inputs: Inputs) -> str:
 
     ft = answers(REFERENCE_VARIANT)
     base = answers(BASE_VARIANT) if BASE_VARIANT in inputs.variants else {}
-    lines = ["| prompt | base-f16 | finetuned-f16 |", "| --- | --- | --- |"]
+    lines = ["| prompt | base | finetuned |", "| --- | --- | --- |"]
     for i, row in sorted(ft.items()):
-        b = base.get(i, {}).get("text", "*(base-f16 not evaluated)*")
+        b = base.get(i, {}).get("text", "*(base not evaluated)*")
         lines.append(f"| {_cell(row['instruction'] or '')} | {_cell(b)} | {_cell(row['text'])} |")
     present = [v for v in COMPARE_VARIANTS if v in inputs.variants]
     first = min(ft) if ft else None
@@ -290,7 +273,7 @@ def render(inputs: Inputs, rows: list[dict], goals: list[dict], env: dict, figur
     out = [
         "# Evaluation report", "",
         f"Run `{ref['run_id']}`: {ref['records']} held-out records, {ref['positions']} response tokens scored "
-        f"(prompt masked); KLD, top-1 and Δp against finetuned-f16 (llama.cpp f16 logits, reference top-"
+        f"(prompt masked); KLD, top-1 and Δp against finetuned (llama.cpp logits of the reference GGUF, top-"
         f"{ref['top_k']} + exact rest mass, see README); greedy answers to {ref['generate_prompts']} validation "
         f"and {ref['showcase_prompts']} fixed prompts, at most {any_v['max_new_tokens']} new tokens. "
         f"Speed: llama-cpp-python, {s['threads']} threads, median of {s['runs']} runs after a warm-up, "
@@ -300,9 +283,9 @@ def render(inputs: Inputs, rows: list[dict], goals: list[dict], env: dict, figur
         "## Variants", "", markdown_table(rows), "",
         f"transformers fp32 `generate` on models/merged ({hf['threads']} threads): prompt "
         f"{hf['prompt_tps']:.0f} tok/s, generation {hf['gen_tps']:.1f} tok/s, load {hf['load_s']:.2f} s.", "",
-        "Reading it: ΔPPL and KLD measure how far a variant's next-token distributions move from finetuned-f16 "
-        "(0 for finetuned-f16 itself); top-1 % is how often it picks the same most likely token; RMS Δp is the "
-        "typical change in the correct token's probability. base-f16 is a different model, so its KLD is what "
+        "Reading it: ΔPPL and KLD measure how far a variant's next-token distributions move from finetuned "
+        "(0 for finetuned itself); top-1 % is how often it picks the same most likely token; RMS Δp is the "
+        "typical change in the correct token's probability. base is a different model, so its KLD is what "
         "fine-tuning changed, not quantization error.", "",
         "## Plots", "",
         f"![quality against size]({figures['quality']})", "",
@@ -316,17 +299,15 @@ def render(inputs: Inputs, rows: list[dict], goals: list[dict], env: dict, figur
 
 
 def write_table(rows: list[dict], path: Path) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[k for k, _, _ in COLUMNS])
-        writer.writeheader()
-        writer.writerows([{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    write_csv(path, [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+              [k for k, _, _ in COLUMNS])
 
 
-def run(params: EvaluateParams, evaluated: Path, reference: Path, generations: Path, loss_dir: Path, out: Path,
-        figures_dir: Path, table: Path) -> dict:
+def run(params: EvaluateParams, goal: ReportParams, evaluated: Path, reference: Path, generations: Path,
+        loss_dir: Path, out: Path, figures_dir: Path, table: Path) -> dict:
     inputs = load_inputs(list(params.variants), evaluated, reference, generations)
     rows = table_rows(inputs)
-    goals = targets(inputs)
+    goals = targets(inputs, goal)
     env = environment(inputs)
     series = read_loss(loss_dir)
     rel = os.path.relpath(figures_dir, out.parent)
@@ -342,14 +323,16 @@ def run(params: EvaluateParams, evaluated: Path, reference: Path, generations: P
     write_text(out, render(inputs, rows, goals, env, figures, note))
     write_table(rows, table)
     return {"run_id": inputs.reference["run_id"], "variants": len(rows),
-            "targets_met": sum(g["met"] is True for g in goals), "targets_missed": sum(g["met"] is False for g in goals),
+            "targets_met": sum(g["met"] is True for g in goals),
+            "targets_missed": sum(g["met"] is False for g in goals),
             "targets": {g["target"]: g["met"] for g in goals}}
 
 
 def attach_to_variant_runs(mlflow, run_id: str, files: list[Path]) -> int:
     """Log the report onto the newest evaluate run of each variant measured under `run_id`."""
     client = mlflow.MlflowClient()
-    runs = client.search_runs([mlflow.active_run().info.experiment_id], f"tags.dvc_stage = 'evaluate' and tags.eval_run_id = '{run_id}'",
+    runs = client.search_runs([mlflow.active_run().info.experiment_id],
+                              f"tags.dvc_stage = 'evaluate' and tags.eval_run_id = '{run_id}'",
                               order_by=["attributes.start_time DESC"])
     seen = set()
     for r in runs:
@@ -363,17 +346,17 @@ def attach_to_variant_runs(mlflow, run_id: str, files: list[Path]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = stage_parser(__doc__, "evaluated", "reference", "generations", "loss", "out", "figures", "table", "metrics")
-    args = parse_stage_args(ap, argv)
-    params = load_params(args.params).evaluate
+    ap = make_parser(__doc__, "evaluated", "reference", "generations", "loss", "out", "figures", "table", "metrics")
+    args = parse_args(ap, argv)
+    params = load_params(args.params)
     import matplotlib
 
     matplotlib.use("Agg")
-    from stages.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import log_metrics, stage_run
 
     with stage_run("report", {"evaluated": str(args.evaluated)}) as mlflow:
-        metrics = run(params, args.evaluated, args.reference, args.generations, args.loss, args.out,
-                      args.figures, args.table)
+        metrics = run(params.evaluate, params.report, args.evaluated, args.reference, args.generations, args.loss,
+                      args.out, args.figures, args.table)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "targets"})
         mlflow.set_tags({"eval_run_id": metrics["run_id"]})
@@ -385,4 +368,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

@@ -1,46 +1,17 @@
-"""Shared fixtures: a tiny random LLaMA (real tokenizer of the embedded model) and a temp copy of the repo."""
+"""Shared fixtures: a tiny random LLaMA (real tokenizer of the embedded model), its GGUFs, and a temp copy of the
+repo. Plain helper functions live in helpers.py."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-# What a copy of the repo needs; outputs (incl. the committed report snapshot), caches and the venv stay behind.
-COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "models", "prepared", "reports", "mlflow.db", "mlruns", "mlartifacts",
-                                     "__pycache__", ".pytest_cache", "*.tmp", "cache", "tmp")
-
-
-def write_records(path: Path, records: list) -> Path:
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return path
-
-
-def make_records(n: int, with_input_every: int = 3) -> list[dict]:
-    """Synthetic, unique Alpaca-format records (tests never use the shared Alpaca slice)."""
-    return [
-        {"instruction": f"Add {i} and {i + 1}.",
-         "input": f"numbers: {i}, {i + 1}" if i % with_input_every == 0 else "",
-         "output": f"The sum of {i} and {i + 1} is {2 * i + 1}."}
-        for i in range(n)
-    ]
+from helpers import copy_repo, make_adapter, make_records, quantize_gguf, write_val
 
 
 @pytest.fixture
 def records():
     return make_records
-
-
-def run_module(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 900):
-    """Run `python -m module args` as a user would; returns CompletedProcess (text)."""
-    full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,17 +20,6 @@ def git_identity():
     for key, value in (("GIT_AUTHOR_NAME", "tests"), ("GIT_AUTHOR_EMAIL", "tests@localhost"),
                        ("GIT_COMMITTER_NAME", "tests"), ("GIT_COMMITTER_EMAIL", "tests@localhost")):
         os.environ.setdefault(key, value)
-
-
-def copy_repo(dst: Path) -> Path:
-    """A copy of the working tree (no outputs, caches or venv) turned into its own git repo, as DVC needs."""
-    shutil.copytree(ROOT, dst, ignore=COPY_IGNORE)
-    # A repo-local identity too: `dvc exp run` commits through its own git backend, which may ignore GIT_* vars.
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "tests"],
-                ["git", "config", "user.email", "tests@localhost"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
-    return dst
 
 
 @pytest.fixture
@@ -99,40 +59,6 @@ def tiny_model_dir(tmp_path_factory, builtin_tokenizer_dir) -> Path:
     return out
 
 
-def write_val(path: Path, n: int = 4) -> Path:
-    """A small validation JSONL in the prepared format (synthetic records)."""
-    path.write_text("".join(json.dumps(r) + "\n" for r in make_records(n)), encoding="utf-8")
-    return path
-
-
-def make_adapter(model_dir: Path, out: Path, trained: bool = True, r: int = 4) -> Path:
-    """A PEFT LoRA adapter on `model_dir`; trained=False leaves B at zero (a no-op adapter)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        init_lora_weights=not trained, task_type="CAUSAL_LM")
-    get_peft_model(model, config).save_pretrained(out)
-    return out
-
-
-def quantize_gguf(src: Path, dst: Path, qtype: str) -> Path:
-    """llama.cpp's quantizer through llama-cpp-python (qtype: q8_0, q4_0, …)."""
-    import ctypes
-
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
-    params.nthread = 2
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"quantizing {src} to {qtype} failed")
-    return dst
-
-
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory, tiny_model_dir) -> Path:
     """`tiny_model_dir` converted to an f16 GGUF by llama.cpp's converter (session-scoped, shared)."""
@@ -152,7 +78,7 @@ def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_merged(tmp_path_factory, tiny_model_dir, tiny_adapter) -> tuple[Path, dict]:
     """(merged folder, merge metrics): the tiny model merged with `tiny_adapter` by the merge stage's `run`."""
-    from stages.config import ExportParams, PromptParams
+    from alpaca_lora_cpu.config import ExportParams, PromptParams
     from stages.merge import run
 
     root = tmp_path_factory.mktemp("merged")
@@ -166,4 +92,4 @@ def tiny_merged(tmp_path_factory, tiny_model_dir, tiny_adapter) -> tuple[Path, d
 @pytest.fixture(scope="session")
 def tiny_gguf_quants(tiny_gguf) -> dict[str, Path]:
     """q8_0 and q4_0 of `tiny_gguf` (k-quants need rows of 256; the tiny model's are 64 wide)."""
-    return {q: quantize_gguf(tiny_gguf, tiny_gguf.with_name(f"model-{q}.gguf"), q) for q in ("q8_0", "q4_0")}
+    return {q: quantize_gguf(tiny_gguf, tiny_gguf.with_name(f"finetuned-{q}.gguf"), q) for q in ("q8_0", "q4_0")}

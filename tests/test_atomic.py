@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.atomic import atomic_path, write_json
-from stages.errors import StageError
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import atomic_path, write_json
 
 
 def test_failed_write_leaves_old_output_intact(tmp_path):

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
+from helpers import ROOT, make_records, run_module
 
-from tests.conftest import ROOT, make_records, run_module
-
-pytestmark = pytest.mark.failure
+pytestmark = [pytest.mark.failure, pytest.mark.slow]  # every case runs its entry point as a subprocess
 
 
 @dataclass
@@ -36,7 +35,7 @@ OUT_ARGS = {
                      "{tmp}/out/merged", "--metrics", "{tmp}/out/merge.json"),
     "stages.quantize": ("--type", "{qtype}", "--src", "{gguf}", "--out", "{tmp}/out/m.gguf", "--modelfile",
                         "{tmp}/out/m.Modelfile", "--metrics", "{tmp}/out/q.json"),
-    "stages.generate": ("--model", "{gguf}", "--prompt", "hi", "-n", "4"),
+    "tools.generate": ("--model", "{gguf}", "--prompt", "hi", "-n", "4"),
     "stages.evaluate": ("--variant", "q4_0", "--gguf", "{gguf}", "--reference", "{tmp}/ref", "--metrics",
                         "{tmp}/out/e.json", "--generations", "{tmp}/out/e.jsonl"),
 }
@@ -165,8 +164,8 @@ CASES += [
     Case("merge-corrupt-adapter", "stages.merge", r"(?i)adapter",
          setup=merge_inputs({"adapter_config.json": ADAPTER_CONFIG, "adapter_model.safetensors": b"\x00garbage"})),
     Case("quantize-unknown-type", "stages.quantize", r"q9_9.*(q4_0|valid)", setup=gguf_file(b"GGUF", "q9_9")),
-    Case("generate-not-a-gguf", "stages.generate", r"not a GGUF file", setup=gguf_file(b"PK\x03\x04zip")),
-    Case("generate-truncated-gguf", "stages.generate", r"(?i)damaged|truncated", setup=gguf_file(GGUF_HEAD_ONLY)),
+    Case("generate-not-a-gguf", "tools.generate", r"not a GGUF file", setup=gguf_file(b"PK\x03\x04zip")),
+    Case("generate-truncated-gguf", "tools.generate", r"(?i)damaged|truncated", setup=gguf_file(GGUF_HEAD_ONLY)),
     Case("evaluate-missing-variant-file", "stages.evaluate", r"variant q4_0: GGUF file .*nope\.gguf not found",
          setup=lambda tmp: {"{gguf}": str(tmp / "nope.gguf")}),
 ]

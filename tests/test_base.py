@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from alpaca_lora_cpu.config import BaseParams
+from alpaca_lora_cpu.errors import StageError
 from stages.base import check_architecture, resolve, run
-from stages.config import BaseParams
-from stages.errors import StageError
 
 
 def test_resolve_forms(tmp_path, tiny_model_dir):

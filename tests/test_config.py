@@ -10,10 +10,10 @@ from typing import Literal
 
 import pytest
 import yaml
+from helpers import ROOT, run_module
 
-from stages.config import Params, build, load_params
-from stages.errors import StageError
-from tests.conftest import ROOT, run_module
+from alpaca_lora_cpu.config import Params, build, load_params
+from alpaca_lora_cpu.errors import StageError
 
 ROOT_PARAMS = ROOT / "params.yaml"
 
@@ -129,7 +129,7 @@ def test_missing_section_stops_prepare_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize("types, needle", [
-    (["q4_0", "q5_0"], "quantize.types has 'q5_0' but no evaluate.variants entry has the GGUF stem 'model-q5_0'"),
+    (["q4_0", "q5_0"], "quantize.types has 'q5_0' but no evaluate.variants entry has the GGUF stem 'finetuned-q5_0'"),
     (["q4_0", "q4_0"], "quantize.types lists 'q4_0' more than once"),
     ([], "quantize.types must list at least one"),
 ])
@@ -139,7 +139,7 @@ def test_quantize_types_are_checked_against_evaluate_variants(tmp_path, types, n
 
 def test_a_variant_name_alone_does_not_cover_a_quantize_type(tmp_path):
     def edit(doc):
-        doc["evaluate"]["variants"]["q4_0"] = "model-q4_0-old"
+        doc["evaluate"]["variants"]["q4_0"] = "finetuned-q4_0-old"
 
     assert "'q4_0'" in one_line_error(write_params(tmp_path, edit))
 
@@ -156,17 +156,18 @@ ENTRY_POINTS = {
     "stages.reference": ("gguf", "merged", "val", "out", "metrics"),
     "stages.evaluate": ("variant", "gguf", "reference", "metrics", "generations"),
     "stages.report": ("evaluated", "reference", "generations", "loss", "out", "figures", "table", "metrics"),
-    "stages.generate": ("model", "prompt"),
-    "stages.serve": ("model",),
-    "stages.bench_infer": ("gguf",),
-    "benchmarks.bench_finetune": (),
+    "tools.generate": ("model", "prompt"),
+    "tools.serve": ("model",),
+    "tools.bench_infer": ("gguf",),
+    "tools.bench_finetune": (),
 }
 
 
 def test_entry_point_list_is_complete():
-    found = {f"{p.parent.name}.{p.stem}" for folder in ("stages", "benchmarks") for p in (ROOT / folder).glob("*.py")
+    found = {f"{p.parent.name}.{p.stem}" for folder in ("stages", "tools") for p in (ROOT / folder).glob("*.py")
              if re.search(r"^def main\(", p.read_text(), re.MULTILINE)}
-    assert found == set(ENTRY_POINTS)
+    # make setup's llama.cpp build runs before anything reads params.yaml
+    assert found - {"tools.llama_build"} == set(ENTRY_POINTS)
 
 
 @pytest.mark.parametrize("module", sorted(ENTRY_POINTS))

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import write_val
+from helpers import write_val
 from test_merge import PARAMS, PROMPT
 
-from stages.config import ExportParams
+from alpaca_lora_cpu.config import ExportParams
+from alpaca_lora_cpu.parity import GateFailure
 from stages.consolidate import SKIP_MARKER, WEIGHTS, run, to_hf, to_meta
-from stages.parity import GateFailure
 
 
 def test_inverse_permutation_matches_llama_cpp_and_round_trips():

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import ROOT, make_records, run_module
 
-from tests.conftest import ROOT, make_records, run_module
-
-VARIANTS = {"base-f16": "base-f16", "finetuned-f16": "model-f16", "q8_0": "model-q8_0", "q4_0": "model-q4_0"}
+VARIANTS = {"base": "base-reference", "finetuned": "finetuned-reference", "q8_0": "finetuned-q8_0",
+            "q4_0": "finetuned-q4_0"}
 
 
 def small_params(dst: Path, variants: dict = VARIANTS) -> Path:
@@ -23,7 +23,7 @@ def small_params(dst: Path, variants: dict = VARIANTS) -> Path:
     doc["evaluate"].update(variants=variants, threads=2, max_new_tokens=6,
                            speed={"prompt_tokens": 32, "gen_tokens": 8, "runs": 3})
     # Every stage checks the whole file: each quantize type needs its variant, so only the ones kept here stay.
-    doc["quantize"]["types"] = [t for t in doc["quantize"]["types"] if variants.get(t) == f"model-{t}"]
+    doc["quantize"]["types"] = [t for t in doc["quantize"]["types"] if variants.get(t) == f"finetuned-{t}"]
     path = dst / "params.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -36,10 +36,10 @@ def workdir(tmp_path_factory, tiny_model_dir, tiny_gguf, tiny_gguf_quants) -> Pa
     small_params(d)
     gguf = d / "models/gguf"
     gguf.mkdir(parents=True)
-    shutil.copy(tiny_gguf, gguf / "model-f16.gguf")
-    shutil.copy(tiny_gguf, gguf / "base-f16.gguf")
+    shutil.copy(tiny_gguf, gguf / "finetuned-reference.gguf")
+    shutil.copy(tiny_gguf, gguf / "base-reference.gguf")
     for q, path in tiny_gguf_quants.items():
-        shutil.copy(path, gguf / f"model-{q}.gguf")
+        shutil.copy(path, gguf / f"finetuned-{q}.gguf")
     shutil.copytree(tiny_model_dir, d / "models/merged")
     (d / "data/prepared").mkdir(parents=True)
     (d / "data/prepared/val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_records(3)))
@@ -51,7 +51,7 @@ def run_in(d: Path, module: str, *args: str):
 
 
 def reference(d: Path, val: str = "data/prepared/val.jsonl", out: str = "models/reference"):
-    return run_in(d, "stages.reference", "--params", "params.yaml", "--gguf", "models/gguf/model-f16.gguf",
+    return run_in(d, "stages.reference", "--params", "params.yaml", "--gguf", "models/gguf/finetuned-reference.gguf",
                   "--merged", "models/merged", "--val", val, "--out", out, "--metrics",
                   "reports/metrics/reference.json")
 
@@ -96,7 +96,7 @@ def metrics(d: Path, variant: str) -> dict:
 def test_reference_metrics_of_each_variant(evaluated):
     ref = json.loads((evaluated / "reports/metrics/reference.json").read_text())
     assert ref["records"] == 3 and ref["positions"] > 0 and ref["hf_fp32"]["gen_tps"] > 0
-    f16, q8, q4 = (metrics(evaluated, v) for v in ("finetuned-f16", "q8_0", "q4_0"))
+    f16, q8, q4 = (metrics(evaluated, v) for v in ("finetuned", "q8_0", "q4_0"))
     # The reference against itself: same logits, so zero divergence and the reference's own perplexity.
     assert f16["kld_mean"] < 1e-6 and f16["top1_agreement"] == 1.0 and f16["rms_delta_p"] < 1e-6
     assert f16["ppl"] == pytest.approx(ref["reference_ppl"], rel=1e-5)
@@ -120,7 +120,7 @@ def test_report_table_targets_plots(evaluated):
         assert f"| {variant} |" in text
     assert "Building a website can be done in 10 simple steps:" in text
     assert text.count("**met**") + text.count("**missed**") == 4  # PPL, q8_0 KLD, q8_0 top-1, q4_0 speed
-    assert "| finetuned-f16 | q4_0 |" in text  # the quantization comparison, without the q2_k not evaluated
+    assert "| finetuned | q4_0 |" in text  # the quantization comparison, without the q2_k not evaluated
     for png in ("quality_vs_size.png", "speed_vs_size.png", "training_loss.png"):
         assert (evaluated / "reports/figures" / png).stat().st_size > 5000
     table = (evaluated / "reports/plots/evaluate.csv").read_text().splitlines()
@@ -158,13 +158,15 @@ def test_report_refuses_metrics_of_another_run(evaluated, tmp_path):
     assert proc.returncode == 2 and "variant q8_0: metrics" in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_variant_file_is_named(workdir):
-    proc = evaluate(workdir, "q4_0", "model-q3_k_m")
+    proc = evaluate(workdir, "q4_0", "finetuned-q3_k_m")
     assert proc.returncode == 2
-    assert "variant q4_0" in proc.stderr and "models/gguf/model-q3_k_m.gguf not found" in proc.stderr
+    assert "variant q4_0" in proc.stderr and "models/gguf/finetuned-q3_k_m.gguf not found" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_empty_validation_split_is_a_clear_error(workdir):
     empty = workdir / "data/prepared/empty.jsonl"
     empty.write_text("")
@@ -173,25 +175,27 @@ def test_empty_validation_split_is_a_clear_error(workdir):
     assert not (workdir / "models/reference-empty").exists()
 
 
-def test_llama_io_scores_only_response_tokens(tiny_gguf):
-    from stages.llama_io import open_gguf, response_log_probs, tokenize_record
+@pytest.mark.slow
+def test_llama_scores_only_response_tokens(tiny_gguf):
+    from alpaca_lora_cpu.llama import open_llama, response_log_probs, tokenize_record
 
-    llm = open_gguf(tiny_gguf, threads=2, n_ctx=128, logits_all=True)
-    ids, n_prompt = tokenize_record(llm, "### Instruction:\nSay hi.\n\n### Response:\n", "Hi there!", 50)
-    assert ids[-1] == llm.token_eos() and 0 < n_prompt < len(ids)
-    logp = response_log_probs(llm, ids, n_prompt)
-    assert logp.shape == (len(ids) - n_prompt, llm.n_vocab())
-    np.testing.assert_allclose(np.exp(logp).sum(axis=1), 1.0, atol=1e-6)
-    # Same prefix, same logits: the response rows do not depend on anything after them (causal).
-    longer = response_log_probs(llm, ids + [ids[-2]], n_prompt)
-    np.testing.assert_allclose(longer[:-1], logp, atol=1e-4)
-    cut, _ = tokenize_record(llm, "### Response:\n", "Hi there!", 2)
-    assert len(cut) == len(llm.tokenize(b"### Response:\n", add_bos=True, special=True)) + 2
+    with open_llama(tiny_gguf, threads=2, n_ctx=128, logits_all=True) as llm:
+        ids, n_prompt = tokenize_record(llm, "### Instruction:\nSay hi.\n\n### Response:\n", "Hi there!", 50)
+        assert ids[-1] == llm.token_eos() and 0 < n_prompt < len(ids)
+        logp = response_log_probs(llm, ids, n_prompt)
+        assert logp.shape == (len(ids) - n_prompt, llm.n_vocab())
+        np.testing.assert_allclose(np.exp(logp).sum(axis=1), 1.0, atol=1e-6)
+        # Same prefix, same logits: the response rows do not depend on anything after them (causal).
+        longer = response_log_probs(llm, ids + [ids[-2]], n_prompt)
+        np.testing.assert_allclose(longer[:-1], logp, atol=1e-4)
+        cut, _ = tokenize_record(llm, "### Response:\n", "Hi there!", 2)
+        assert len(cut) == len(llm.tokenize(b"### Response:\n", add_bos=True, special=True)) + 2
 
 
+@pytest.mark.slow
 def test_bench_infer_prints_the_ratio(tiny_gguf, tmp_path):
     params = small_params(tmp_path)
-    proc = run_module("stages.bench_infer", "--params", str(params), "--gguf", str(tiny_gguf))
+    proc = run_module("tools.bench_infer", "--params", str(params), "--gguf", str(tiny_gguf))
     assert proc.returncode == 0, proc.stderr[-2000:]
     ratio = float(proc.stdout.strip().splitlines()[-1].split()[-1])
     assert ratio > 0 and "bandwidth bound" in proc.stdout

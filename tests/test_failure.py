@@ -12,42 +12,28 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import copy_repo, dvc, shrink_params
 
-from stages.atomic import sha256_file
-from tests.conftest import copy_repo
+from alpaca_lora_cpu.files import sha256_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.failure]
 QUANTS = ["q8_0", "q4_0"]  # the tiny model's 64-wide rows rule out k-quants
 
 
+def tiny_params(repo: Path, model_dir: Path) -> None:
+    """The shrunk pipeline on the tiny random model: its own base, a smaller sample, even smaller loops."""
+    shrink_params(repo, QUANTS, {
+        "base": {"model": str(model_dir)}, "data": {"max_samples": 24},
+        "finetune": {"max_steps": 2, "eval_steps": 2, "cutoff_len": 64},
+        "export": {"gate_max_tokens": 32}, "convert": {"gate_max_tokens": 32, "min_top1_agreement": 0.9},
+        "reference": {"max_records": 2, "max_response_tokens": 16, "generate_records": 1,
+                      "showcase_prompts": ["Building a website can be done in 10 simple steps:"]},
+        "evaluate": {"max_new_tokens": 8, "speed": {"prompt_tokens": 16, "gen_tokens": 4}},
+    })
+
+
 def _env(repo: Path) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
-
-
-def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["dvc", *args], cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, f"dvc {args}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    return proc
-
-
-def tiny_params(repo: Path, model_dir: Path) -> None:
-    path = repo / "params.yaml"
-    doc = yaml.safe_load(path.read_text())
-    doc["base"]["model"] = str(model_dir)
-    doc["data"]["max_samples"] = 24
-    doc["finetune"].update(batch_size=4, micro_batch_size=4, max_steps=2, warmup_steps=0, eval_steps=2,
-                           save_steps=1, cutoff_len=64)
-    doc["export"].update(gate_prompts=2, gate_max_tokens=32)
-    doc["convert"].update(gate_prompts=2, gate_max_tokens=32, min_top1_agreement=0.9)
-    doc["quantize"]["types"] = QUANTS
-    doc["reference"].update(max_records=2, max_response_tokens=16, generate_records=1,
-                            showcase_prompts=doc["reference"]["showcase_prompts"][:1])
-    doc["evaluate"]["variants"] = {k: v for k, v in doc["evaluate"]["variants"].items()
-                                   if k in ("base-f16", "finetuned-f16", *QUANTS)}
-    doc["evaluate"].update(max_new_tokens=8)
-    doc["evaluate"]["speed"].update(prompt_tokens=16, gen_tokens=4, runs=3)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +76,8 @@ def kill_mid_stage(repo: Path, stage: str, module: str, staging_parent: Path) ->
 
 KILLS = [
     ("merge", "stages.merge", "models/merged", "models"),
-    ("convert@finetuned", "stages.convert", "models/gguf/model-f16.gguf", "models/gguf"),
-    ("quantize@q4_0", "stages.quantize", "models/gguf/model-q4_0.gguf", "models/gguf"),
+    ("convert@finetuned", "stages.convert", "models/gguf/finetuned-reference.gguf", "models/gguf"),
+    ("quantize@q4_0", "stages.quantize", "models/gguf/finetuned-q4_0.gguf", "models/gguf"),
     ("evaluate@q4_0", "stages.evaluate", "reports/metrics/evaluate/q4_0.json", "reports/metrics/evaluate"),
 ]
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.conftest import ROOT, make_records, run_module
+from helpers import ROOT, make_records, run_module
 
 TINY = {
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
@@ -51,7 +50,7 @@ def finetune(cwd: Path, args: list, env: dict | None = None):
 
 @pytest.fixture(scope="module")
 def tokenizer(builtin_tokenizer_dir):
-    from stages.finetune import load_tokenizer
+    from alpaca_lora_cpu.training import load_tokenizer
 
     return load_tokenizer(builtin_tokenizer_dir)
 
@@ -60,8 +59,9 @@ RECORD = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
 
 
 def test_example_ends_with_eos_and_masks_the_prompt(tokenizer):
-    from stages.finetune import IGNORE, encode
-    from stages.prompts import render_record
+    from alpaca_lora_cpu.packing import IGNORE
+    from alpaca_lora_cpu.prompts import render_record
+    from alpaca_lora_cpu.training import encode
 
     ex = encode(RECORD, tokenizer, "alpaca", 256, train_on_inputs=False)
     n_prompt = len(tokenizer(render_record("alpaca", RECORD))["input_ids"])
@@ -72,14 +72,14 @@ def test_example_ends_with_eos_and_masks_the_prompt(tokenizer):
 
 
 def test_train_on_inputs_keeps_every_label(tokenizer):
-    from stages.finetune import encode
+    from alpaca_lora_cpu.training import encode
 
     ex = encode(RECORD, tokenizer, "alpaca", 256, train_on_inputs=True)
     assert ex["labels"] == ex["input_ids"]
 
 
 def test_truncation_cuts_the_eos_and_a_full_prompt_is_dropped(tokenizer):
-    from stages.finetune import encode
+    from alpaca_lora_cpu.training import encode
 
     long = {**RECORD, "output": "word " * 100}
     ex = encode(long, tokenizer, "alpaca", 64, train_on_inputs=False)
@@ -89,7 +89,8 @@ def test_truncation_cuts_the_eos_and_a_full_prompt_is_dropped(tokenizer):
 
 
 def test_padding_never_masks_the_eos_label_although_pad_is_eos(tokenizer):
-    from stages.finetune import IGNORE, encode, make_collator
+    from alpaca_lora_cpu.packing import IGNORE
+    from alpaca_lora_cpu.training import encode, make_collator
 
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the dangerous case
     short = encode(RECORD, tokenizer, "alpaca", 256, False)
@@ -108,7 +109,7 @@ def test_response_loss_equals_the_full_logits_loss(tiny_model_dir, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.finetune import encode, make_collator, response_loss
+    from alpaca_lora_cpu.training import encode, make_collator, response_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     examples = [encode(r, tokenizer, "alpaca", 128, False) for r in make_records(3)]
@@ -136,6 +137,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("override,message", BAD, ids=[m for _, m in BAD])
+@pytest.mark.slow
 def test_bad_params_fail_in_one_line(tmp_path, tiny_model_dir, override, message):
     cwd, args = setup_run(tmp_path, tiny_model_dir, **override)
     proc = finetune(cwd, args)
@@ -152,6 +154,7 @@ def test_empty_training_split(tmp_path, tiny_model_dir):
     assert proc.returncode == 2 and "the training split is empty" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_quantization_without_usable_bitsandbytes(tmp_path, tiny_model_dir):
     """A bitsandbytes that cannot be imported (as on a machine without it) stops 4bit before the model loads."""
     cwd, args = setup_run(tmp_path, tiny_model_dir, quantization="4bit")
@@ -274,7 +277,7 @@ def test_run_stopped_after_its_last_checkpoint_does_not_train_again(tmp_path, ti
 
 @pytest.mark.slow
 def test_changed_params_do_not_resume_foreign_checkpoints(tmp_path, tiny_model_dir):
-    from stages.finetune import FINGERPRINT, find_resume
+    from alpaca_lora_cpu.checkpoints import FINGERPRINT, find_resume
 
     ckpt = tmp_path / "ckpt"
     (ckpt / "checkpoint-2").mkdir(parents=True)

@@ -8,9 +8,12 @@ import time
 import urllib.request
 
 import pytest
-from conftest import ROOT, run_module
+from helpers import ROOT, run_module
 
-from stages.generate import completion_text
+from tools.generate import completion_text
+
+# Runs entry points as subprocesses / converts and quantizes models: `make test`, not `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def test_alpaca_template_unless_raw():
@@ -19,29 +22,29 @@ def test_alpaca_template_unless_raw():
 
 
 def test_generate_prints_a_completion(tiny_gguf):
-    proc = run_module("stages.generate", "--model", str(tiny_gguf), "-n", "8", "--prompt", "List three colors.")
+    proc = run_module("tools.generate", "--model", str(tiny_gguf), "-n", "8", "--prompt", "List three colors.")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout) > 1  # random tiny weights: generated pieces (often newlines) + the final newline
 
 
 def test_chat_repl_streams_and_exits_on_eof(tiny_gguf):
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.generate", "--model", str(tiny_gguf), "--chat", "-n", "4"],
+        [sys.executable, "-m", "tools.generate", "--model", str(tiny_gguf), "--chat", "-n", "4"],
         cwd=ROOT, input="Name a fruit.\n", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count(">>> ") == 2 and len(proc.stdout.replace(">>> ", "")) > 1
 
 
-@pytest.mark.parametrize("module", ["stages.generate", "stages.serve"])
+@pytest.mark.parametrize("module", ["tools.generate", "tools.serve"])
 @pytest.mark.parametrize("damage", ["truncated", "not_gguf", "missing"])
 def test_damaged_model_is_one_line_error(tmp_path, tiny_gguf, module, damage):
-    bad = tmp_path / "model-q4_0.gguf"
+    bad = tmp_path / "finetuned-q4_0.gguf"
     data = tiny_gguf.read_bytes()
     if damage == "truncated":
         bad.write_bytes(data[: len(data) // 3])
     elif damage == "not_gguf":
         bad.write_text("<html>404 Not Found</html>")
-    args = ["--model", str(bad)] + (["--prompt", "hi"] if module == "stages.generate" else ["--port", "1"])
+    args = ["--model", str(bad)] + (["--prompt", "hi"] if module == "tools.generate" else ["--port", "1"])
     proc = run_module(module, *args, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
@@ -57,7 +60,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_serve_answers_openai_requests_on_loopback(tiny_gguf):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--model", str(tiny_gguf), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "tools.serve", "--model", str(tiny_gguf), "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
@@ -75,7 +78,7 @@ def test_serve_answers_openai_requests_on_loopback(tiny_gguf):
 
 
 def test_prompt_longer_than_the_context_is_one_line_error(tiny_gguf):
-    proc = run_module("stages.generate", "--model", str(tiny_gguf), "-n", "8", "--prompt", "word " * 3000)
+    proc = run_module("tools.generate", "--model", str(tiny_gguf), "-n", "8", "--prompt", "word " * 3000)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
@@ -84,11 +87,11 @@ def test_prompt_longer_than_the_context_is_one_line_error(tiny_gguf):
 
 
 def test_prompt_leaving_less_room_than_n_warns_and_cuts_the_answer(tiny_gguf):
-    from stages.generate import fit_new_tokens
+    from tools.generate import fit_new_tokens
 
     assert fit_new_tokens(100, 50, 2048) == 50
     assert fit_new_tokens(2000, 200, 2048) == 48
-    proc = run_module("stages.generate", "--model", str(tiny_gguf), "-n", "200", "--prompt", "word " * 1900)
+    proc = run_module("tools.generate", "--model", str(tiny_gguf), "-n", "200", "--prompt", "word " * 1900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "warning: the prompt is " in proc.stderr and "fit the context window of 2048" in proc.stderr
 
@@ -98,7 +101,7 @@ def test_serve_on_a_busy_port_fails_before_loading_the_model(tiny_gguf):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = run_module("stages.serve", "--model", str(tiny_gguf), "--port", str(port), timeout=120,
+        proc = run_module("tools.serve", "--model", str(tiny_gguf), "--port", str(port), timeout=120,
                           env={"LLAMA_CHILD_FAULT": "SIGILL"})  # the model must not even be tried
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()

@@ -6,13 +6,18 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_module, write_val
+from helpers import run_module, write_val
 
-from stages.config import ConvertParams
+from alpaca_lora_cpu.config import ConvertParams
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.gguf_files import check_gguf, field_value, tensor_infos
+from alpaca_lora_cpu.llama import all_logits, open_llama, tokenize
+from alpaca_lora_cpu.parity import gate_texts
 from stages.convert import gate_message, gguf_gates
-from stages.errors import StageError
-from stages.gguf_io import all_logits, check_gguf, field_value, open_llama, tensor_infos, tokenize
-from stages.parity import gate_texts
+
+# Runs entry points as subprocesses / converts and quantizes models: `make test`, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 PARAMS = ConvertParams(outtype="f16", gate_prompts=3, gate_max_tokens=64, min_top1_agreement=0.99)
 
@@ -27,7 +32,7 @@ def test_tiny_gguf_is_f16_and_gives_logits_for_every_position(tiny_gguf):
     assert field_value(reader, "general.architecture") == "llama"
     types = {t.type for t in tensor_infos(reader)}
     assert types == {"F16", "F32"}
-    with open_llama(tiny_gguf, n_ctx=128, logits_all=True) as llm:
+    with open_llama(tiny_gguf, n_ctx=128, threads=2, logits_all=True) as llm:
         ids = tokenize(llm, "Hello world, how are you?")
         logits = all_logits(llm, ids)
     assert logits.shape == (len(ids), 49152) and np.isfinite(logits).all()
@@ -75,13 +80,13 @@ def test_damaged_files_are_stage_errors(tmp_path, tiny_gguf, damage):
     with pytest.raises(StageError):
         check_gguf(bad)
     with pytest.raises(StageError):
-        with open_llama(bad):
+        with open_llama(bad, n_ctx=64, threads=1):
             pass
 
 
 @pytest.mark.slow
 def test_convert_stage_cli_end_to_end(tmp_path, tiny_model_dir):
-    out = tmp_path / "gguf" / "model-f16.gguf"
+    out = tmp_path / "gguf" / "finetuned-reference.gguf"
     params = tmp_path / "params.yaml"
     from pathlib import Path
 

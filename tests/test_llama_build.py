@@ -1,10 +1,10 @@
-"""The llama.cpp build choice (scripts/llama_build.py) with faked CPUs and faked probe outcomes: it must pass on
+"""The llama.cpp build choice (tools/llama_build.py) with faked CPUs and faked probe outcomes: it must pass on
 any CPU, since the real fault (AMX kernels under a hypervisor) cannot be produced on an AVX2-only machine."""
 from __future__ import annotations
 
 import pytest
 
-from scripts import llama_build as lb
+from tools import llama_build as lb
 
 AMX_XEON = ("flags\t\t: fpu sse4_2 avx f16c fma bmi2 avx2 avx512f avx512cd avx512vl avx512dq avx512bw avx512vbmi "
             "avx512_vnni avx512_bf16 avx512_fp16 avx_vnni amx_tile amx_int8 amx_bf16\n")

@@ -4,12 +4,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import make_adapter, run_module, write_val
+from helpers import make_adapter, run_module, write_val
 
-from stages.config import ExportParams, PromptParams
-from stages.errors import StageError
+from alpaca_lora_cpu.config import ExportParams, PromptParams
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.parity import GateFailure
 from stages.merge import check_adapter_fits, run
-from stages.parity import GateFailure
 
 PARAMS = ExportParams(dtype="fp32", max_shard_size="2MB", consolidated=True, gate_prompts=3, gate_max_tokens=64,
                       max_logit_diff=1e-3)
@@ -78,6 +78,7 @@ def test_unwritable_output_folder(tmp_path, tiny_model_dir, tiny_adapter):
         run(PARAMS, PROMPT, tiny_model_dir, tiny_adapter, write_val(tmp_path / "v.jsonl"), blocker / "merged")
 
 
+@pytest.mark.slow
 def test_cli_bad_adapter_is_one_line(tmp_path, tiny_model_dir):
     proc = run_module("stages.merge", "--base", str(tiny_model_dir), "--adapter", str(tmp_path / "none"),
                       "--val", str(write_val(tmp_path / "v.jsonl")), "--out", str(tmp_path / "merged"),
@@ -89,9 +90,9 @@ def test_cli_bad_adapter_is_one_line(tmp_path, tiny_model_dir):
 
 def test_params_yaml_export_sections_load():
     import yaml
-    from conftest import ROOT
+    from helpers import ROOT
 
-    from stages.config import load_params
+    from alpaca_lora_cpu.config import load_params
     from stages.quantize import valid_types
 
     params = ROOT / "params.yaml"

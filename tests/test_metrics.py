@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from stages.metrics import (compare, kld_exact, kld_top_k, log_probs, perplexity, summarize, top_k_summary)
+from alpaca_lora_cpu.metrics import compare, kld_exact, kld_top_k, log_probs, perplexity, summarize, top_k_summary
 
 # Two positions over a 3-token vocabulary. Position 0: the variant swaps the top two tokens' probabilities;
 # position 1: identical distributions.

@@ -9,10 +9,10 @@ import signal
 import socket
 
 import pytest
-from conftest import run_module
+from helpers import run_module
 
-from stages.errors import StageError
-from stages.native import NativeCrash, call_in_child
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.native import NativeCrash, call_in_child
 
 
 def _fail_with_stage_error(msg: str) -> None:
@@ -24,10 +24,10 @@ def _fail_with_stage_error(msg: str) -> None:
                                         (signal.SIGABRT, ["SIGABRT", "GGML_ASSERT"])])
 def test_child_killed_by_a_signal_is_a_one_line_error(sig, words):
     with pytest.raises(NativeCrash) as info:
-        call_in_child(signal.raise_signal, sig, file="models/gguf/model-q8_0.gguf", action="evaluating")
+        call_in_child(signal.raise_signal, sig, file="models/gguf/finetuned-q8_0.gguf", action="evaluating")
     msg = str(info.value)
     assert info.value.signum == sig and isinstance(info.value, StageError)
-    assert "\n" not in msg and "models/gguf/model-q8_0.gguf" in msg
+    assert "\n" not in msg and "models/gguf/finetuned-q8_0.gguf" in msg
     for w in words:
         assert w in msg
 
@@ -57,13 +57,14 @@ def _runs(uri, name):
 
 
 @pytest.mark.parametrize("fault", ["SIGILL", "SIGSEGV"])
+@pytest.mark.slow
 def test_quantize_stage_crash_is_one_line_and_a_failed_run(tmp_path, tiny_gguf, fault):
     """The quantize stage, run as dvc runs it, with its llama.cpp child dying: exit 2, one error line, a FAILED
     MLflow run (never RUNNING), no output left behind."""
-    out = tmp_path / "gguf" / "model-q8_0.gguf"
+    out = tmp_path / "gguf" / "finetuned-q8_0.gguf"
     uri = _tracking_uri(tmp_path)
     proc = run_module("stages.quantize", "--params", "params.yaml", "--type", "q8_0", "--src", str(tiny_gguf),
-                      "--out", str(out), "--modelfile", str(tmp_path / "gguf" / "model-q8_0.Modelfile"),
+                      "--out", str(out), "--modelfile", str(tmp_path / "gguf" / "finetuned-q8_0.Modelfile"),
                       "--metrics", str(tmp_path / "q8_0.json"),
                       env={"LLAMA_CHILD_FAULT": fault, "MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -77,8 +78,9 @@ def test_quantize_stage_crash_is_one_line_and_a_failed_run(tmp_path, tiny_gguf, 
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_generate_crash_is_one_line(tiny_gguf):
-    proc = run_module("stages.generate", "--model", str(tiny_gguf), "-n", "4", "--prompt", "Hi",
+    proc = run_module("tools.generate", "--model", str(tiny_gguf), "-n", "4", "--prompt", "Hi",
                       env={"LLAMA_CHILD_FAULT": "SIGILL"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: llama.cpp died with SIGILL")
@@ -97,7 +99,7 @@ def test_run_of_a_process_killed_outright_is_marked_failed_by_the_next_stage(tmp
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from stages.tracking import stage_run
+    from alpaca_lora_cpu.tracking import stage_run
 
     uri = _tracking_uri(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -117,7 +119,7 @@ def test_run_of_a_process_killed_outright_is_marked_failed_by_the_next_stage(tmp
 
 
 def test_stage_error_inside_a_run_ends_it_failed(tmp_path, monkeypatch):
-    from stages.tracking import stage_run
+    from alpaca_lora_cpu.tracking import stage_run
 
     uri = _tracking_uri(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import pytest
-
-from tests.conftest import make_records
+from helpers import make_records
 
 
 @pytest.fixture(scope="module")
 def tokenizer(builtin_tokenizer_dir):
-    from stages.finetune import load_tokenizer
+    from alpaca_lora_cpu.training import load_tokenizer
 
     return load_tokenizer(builtin_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
 def examples(tokenizer):
-    from stages.finetune import encode
+    from alpaca_lora_cpu.training import encode
 
     records = make_records(4)
     records[1]["output"] = "A much longer answer, so that the examples differ in length. " * 3
@@ -26,20 +25,21 @@ def load(model_dir, attention: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.packing import register
+    from alpaca_lora_cpu.packing import register
 
     register()
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
 
 
 def test_collator_restarts_positions_and_masks_each_first_label(examples, tokenizer):
-    from stages.finetune import IGNORE, make_collator
+    from alpaca_lora_cpu.packing import IGNORE
+    from alpaca_lora_cpu.training import make_collator
 
     batch = make_collator(tokenizer, packing=True)(examples)
     lengths = [len(e["input_ids"]) for e in examples]
     assert batch["input_ids"].shape == (1, sum(lengths))
     assert batch["cu_seq_lens_q"].tolist() == [0, *[sum(lengths[:i + 1]) for i in range(len(lengths))]]
-    for start, n in zip(batch["cu_seq_lens_q"].tolist(), lengths):
+    for start, n in zip(batch["cu_seq_lens_q"].tolist()[:-1], lengths, strict=True):
         assert batch["position_ids"][0, start:start + n].tolist() == list(range(n))
         assert batch["labels"][0, start] == IGNORE  # no example learns its neighbour's first token
 
@@ -47,8 +47,8 @@ def test_collator_restarts_positions_and_masks_each_first_label(examples, tokeni
 def test_packed_row_gives_each_example_its_own_logits(tiny_model_dir, examples, tokenizer):
     import torch
 
-    from stages.finetune import make_collator
-    from stages.packing import ATTENTION, model_inputs
+    from alpaca_lora_cpu.packing import ATTENTION, model_inputs
+    from alpaca_lora_cpu.training import make_collator
 
     model = load(tiny_model_dir, ATTENTION).eval()
     batch = make_collator(tokenizer, packing=True)(examples)
@@ -62,8 +62,8 @@ def test_padded_batch_under_packed_attention_matches_sdpa(tiny_model_dir, exampl
     """Evaluation and generation feed padded batches: the fallback must apply the padding mask."""
     import torch
 
-    from stages.finetune import make_collator
-    from stages.packing import ATTENTION
+    from alpaca_lora_cpu.packing import ATTENTION
+    from alpaca_lora_cpu.training import make_collator
 
     batch = make_collator(tokenizer)(examples)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -78,7 +78,7 @@ def lora_grads(model_dir, attention: str, batch) -> tuple[float, int, dict]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from stages.finetune import response_loss
+    from alpaca_lora_cpu.training import response_loss
 
     torch.manual_seed(0)
     # init_lora_weights=False: B is random too, so gradients reach A as well as B.
@@ -93,8 +93,8 @@ def lora_grads(model_dir, attention: str, batch) -> tuple[float, int, dict]:
 def test_packed_training_step_has_the_padded_loss_and_gradients(tiny_model_dir, examples, tokenizer):
     import torch
 
-    from stages.finetune import make_collator
-    from stages.packing import ATTENTION
+    from alpaca_lora_cpu.packing import ATTENTION
+    from alpaca_lora_cpu.training import make_collator
 
     padded = lora_grads(tiny_model_dir, "sdpa", make_collator(tokenizer)(examples))
     packed = lora_grads(tiny_model_dir, ATTENTION, make_collator(tokenizer, packing=True)(examples))
@@ -109,8 +109,8 @@ def test_packed_training_step_has_the_padded_loss_and_gradients(tiny_model_dir, 
 def test_packed_row_rejects_a_second_row(tiny_model_dir, examples, tokenizer):
     import torch
 
-    from stages.finetune import make_collator
-    from stages.packing import ATTENTION, model_inputs
+    from alpaca_lora_cpu.packing import ATTENTION, model_inputs
+    from alpaca_lora_cpu.training import make_collator
 
     batch = make_collator(tokenizer, packing=True)(examples)
     inputs = model_inputs(batch)
@@ -120,8 +120,8 @@ def test_packed_row_rejects_a_second_row(tiny_model_dir, examples, tokenizer):
 
 
 def test_evaluation_on_packed_batches_equals_padded(tiny_model_dir, examples, tokenizer):
-    from stages.finetune import evaluate_responses, make_collator
-    from stages.packing import ATTENTION
+    from alpaca_lora_cpu.packing import ATTENTION
+    from alpaca_lora_cpu.training import evaluate_responses, make_collator
 
     model = load(tiny_model_dir, ATTENTION)
     packed = evaluate_responses(model, examples, make_collator(tokenizer, packing=True), 2)

@@ -5,50 +5,23 @@ in `dvc exp show` and MLflow, outputs round-trip through a DVC remote, and `make
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 
 import pytest
 import yaml
+from helpers import copy_repo, dvc, shrink_params
 
-from stages.atomic import sha256_file
-from tests.conftest import copy_repo
+from alpaca_lora_cpu.files import sha256_file
 
 pytestmark = pytest.mark.slow
 SMALL_QUANTS = ["q8_0", "q4_0"]
 
 
-def dvc(repo, *args, check=True):
-    proc = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def shrink(repo) -> None:
-    """Same stages and gates, small loops: one 4-sample optimizer step, 2 quant levels, 2-3 prompts each."""
-    path = repo / "params.yaml"
-    doc = yaml.safe_load(path.read_text())
-    doc["finetune"].update(batch_size=4, micro_batch_size=4, max_steps=1, warmup_steps=0, eval_steps=1,
-                           save_steps=1)
-    doc["export"].update(gate_prompts=2, gate_max_tokens=64)
-    doc["convert"].update(gate_prompts=2, gate_max_tokens=64)
-    doc["quantize"]["types"] = SMALL_QUANTS
-    doc["reference"].update(max_records=3, max_response_tokens=32, generate_records=2,
-                            showcase_prompts=doc["reference"]["showcase_prompts"][:2])
-    doc["evaluate"]["variants"] = {k: v for k, v in doc["evaluate"]["variants"].items()
-                                   if k in ("base-f16", "finetuned-f16", *SMALL_QUANTS)}
-    doc["evaluate"].update(max_new_tokens=16)
-    doc["evaluate"]["speed"].update(prompt_tokens=64, gen_tokens=16, runs=3)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, git_identity):
     repo = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
-    shrink(repo)
+    shrink_params(repo, SMALL_QUANTS)
     subprocess.run(["git", "commit", "-qam", "shrink"], cwd=repo, check=True, capture_output=True)
     dvc(repo, "repro")
     return repo
@@ -71,12 +44,12 @@ def test_every_stage_ran_and_its_gates_passed(pipeline):
     for source in ("base", "finetuned"):
         conv = metrics(pipeline, f"convert/{source}.json")
         assert conv["gates_passed"] is True
-    f16 = (pipeline / "models/gguf/model-f16.gguf").stat().st_size
-    sizes = [(pipeline / f"models/gguf/model-{q}.gguf").stat().st_size for q in SMALL_QUANTS]
+    f16 = (pipeline / "models/gguf/finetuned-reference.gguf").stat().st_size
+    sizes = [(pipeline / f"models/gguf/finetuned-{q}.gguf").stat().st_size for q in SMALL_QUANTS]
     assert f16 > sizes[0] > sizes[1]
-    modelfile = (pipeline / "models/gguf/model-q4_0.Modelfile").read_text().splitlines()
-    assert "FROM ./model-q4_0.gguf" in modelfile
-    for variant in ("base-f16", "finetuned-f16", *SMALL_QUANTS):
+    modelfile = (pipeline / "models/gguf/finetuned-q4_0.Modelfile").read_text().splitlines()
+    assert "FROM ./finetuned-q4_0.gguf" in modelfile
+    for variant in ("base", "finetuned", *SMALL_QUANTS):
         ev = metrics(pipeline, f"evaluate/{variant}.json")
         assert ev["variant"] == variant
     report = (pipeline / "reports/report.md").read_text()
@@ -135,7 +108,7 @@ def test_make_generate_prints_a_completion(pipeline):
 
 def test_dvc_push_pull_round_trip(pipeline, tmp_path):
     before = {p: sha256_file(pipeline / p) for p in ("models/adapter/adapter_model.safetensors",
-                                                    "models/gguf/model-q4_0.gguf", "data/prepared/train.jsonl")}
+                                                    "models/gguf/finetuned-q4_0.gguf", "data/prepared/train.jsonl")}
     dvc(pipeline, "remote", "add", "-d", "local", str(tmp_path / "remote"))
     dvc(pipeline, "push")
     # Everything DVC caches goes; the persisted, uncached checkpoint folder stays as on any machine.

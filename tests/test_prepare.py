@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import ROOT, make_records, run_module, write_records
 
-from stages.config import DataParams
-from stages.errors import StageError
-from stages.prepare import load_source, run, sample_split, validate
-from tests.conftest import ROOT, make_records, run_module, write_records
+from alpaca_lora_cpu.alpaca_data import load_source, validate
+from alpaca_lora_cpu.config import DataParams
+from alpaca_lora_cpu.errors import StageError
+from stages.prepare import run, sample_split
 
 
 def params(source: str, **kw) -> DataParams:
@@ -79,7 +80,7 @@ def test_other_local_formats(tmp_path, suffix):
 
 
 def test_hub_unreachable_falls_back_to_bundled_sample(monkeypatch):
-    import stages.prepare as prepare
+    import alpaca_lora_cpu.alpaca_data as prepare
 
     def offline(_):
         raise ConnectionError("Couldn't reach 'yahma/alpaca-cleaned' on the Hub")
@@ -93,7 +94,7 @@ def test_hub_unreachable_falls_back_to_bundled_sample(monkeypatch):
 
 
 def test_offline_probe_skips_the_hub_entirely(monkeypatch):
-    import stages.prepare as prepare
+    import alpaca_lora_cpu.alpaca_data as prepare
 
     def never(_):
         raise AssertionError("the Hub must not be called when the probe says offline")
@@ -105,7 +106,7 @@ def test_offline_probe_skips_the_hub_entirely(monkeypatch):
 
 
 def test_hub_other_errors_are_not_masked(monkeypatch):
-    import stages.prepare as prepare
+    import alpaca_lora_cpu.alpaca_data as prepare
 
     def missing(_):
         raise FileNotFoundError("Dataset 'nobody/nothing' doesn't exist on the Hub")

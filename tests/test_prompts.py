@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.prompts import render, render_record
+from alpaca_lora_cpu.prompts import render, render_record
 
 WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
               "Write a response that appropriately completes the request.\n\n### Instruction:\nSum.\n\n"

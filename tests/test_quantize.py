@@ -6,12 +6,17 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import run_module
+from helpers import run_module
 
-from stages.config import PromptParams
-from stages.errors import StageError
-from stages.gguf_io import open_llama, tensor_infos
+from alpaca_lora_cpu.config import PromptParams
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.gguf_files import tensor_infos
+from alpaca_lora_cpu.llama import open_llama
 from stages.quantize import check_type, modelfile, run, valid_types
+
+# Runs entry points as subprocesses / converts and quantizes models: `make test`, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 ALPACA = PromptParams(template="alpaca")
 
@@ -23,23 +28,23 @@ def test_valid_types_cover_the_defaults_and_unknown_lists_them():
 
 
 def test_q4_0_and_k_quant_fallbacks_are_explained(tmp_path, tiny_gguf):
-    m = run("q4_0", ALPACA, tiny_gguf, tmp_path / "model-q4_0.gguf", tmp_path / "model-q4_0.Modelfile")
-    infos = tensor_infos(tmp_path / "model-q4_0.gguf")
-    assert m["file_bytes"] == (tmp_path / "model-q4_0.gguf").stat().st_size < tiny_gguf.stat().st_size
+    m = run("q4_0", ALPACA, tiny_gguf, tmp_path / "finetuned-q4_0.gguf", tmp_path / "finetuned-q4_0.Modelfile")
+    infos = tensor_infos(tmp_path / "finetuned-q4_0.gguf")
+    assert m["file_bytes"] == (tmp_path / "finetuned-q4_0.gguf").stat().st_size < tiny_gguf.stat().st_size
     assert m["tensor_types"].get("Q4_0", 0) > 0 and 4 < m["bits_per_weight"] < 16
     assert sum(g["count"] for g in m["other_type"].values()) == sum(t.type != "Q4_0" for t in infos)
     # The tiny model's 64-wide rows are not multiples of 256: every k-quant tensor falls back, with the reason.
-    k = run("q4_k_m", ALPACA, tiny_gguf, tmp_path / "model-q4_k_m.gguf", tmp_path / "k.Modelfile")
+    k = run("q4_k_m", ALPACA, tiny_gguf, tmp_path / "finetuned-q4_k_m.gguf", tmp_path / "k.Modelfile")
     assert "Q4_K" not in k["tensor_types"]
     assert any("not divisible by 256" in reason for reason in k["other_type"])
-    with open_llama(tmp_path / "model-q4_k_m.gguf", n_ctx=64):
+    with open_llama(tmp_path / "finetuned-q4_k_m.gguf", n_ctx=64, threads=2):
         pass
 
 
 def test_modelfile_has_template_and_stops(tmp_path, tiny_gguf):
-    run("q8_0", ALPACA, tiny_gguf, tmp_path / "model-q8_0.gguf", tmp_path / "model-q8_0.Modelfile")
-    text = (tmp_path / "model-q8_0.Modelfile").read_text()
-    assert "FROM ./model-q8_0.gguf" in text and "{{ .Prompt }}" in text and "### Response:" in text
+    run("q8_0", ALPACA, tiny_gguf, tmp_path / "finetuned-q8_0.gguf", tmp_path / "finetuned-q8_0.Modelfile")
+    text = (tmp_path / "finetuned-q8_0.Modelfile").read_text()
+    assert "FROM ./finetuned-q8_0.gguf" in text and "{{ .Prompt }}" in text and "### Response:" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "### Instruction:"' in text
     chat = modelfile("m.gguf", "chat", ["<|im_end|>"])
     assert "{{ .Content }}" in chat and chat.count('PARAMETER stop "<|im_end|>"') == 1
@@ -57,7 +62,7 @@ def test_unknown_type_cli_is_one_line_and_writes_nothing(tmp_path, tiny_gguf):
 def test_each_type_is_its_own_dvc_stage(repo_copy, tiny_gguf):
     """quantize@<type> is cached on its own: adding a type leaves the existing ones up to date."""
     env_dvc = ["dvc"]
-    gguf = repo_copy / "models/gguf/model-f16.gguf"
+    gguf = repo_copy / "models/gguf/finetuned-reference.gguf"
     gguf.parent.mkdir(parents=True)
     shutil.copy(tiny_gguf, gguf)
     params = repo_copy / "params.yaml"
@@ -88,5 +93,5 @@ def test_unwritable_output_folder_stops_before_quantizing(tmp_path, tiny_gguf):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     with pytest.raises(StageError, match="cannot create output folder"):
-        run("q4_0", ALPACA, tiny_gguf, blocker / "model-q4_0.gguf", tmp_path / "m.Modelfile")
+        run("q4_0", ALPACA, tiny_gguf, blocker / "finetuned-q4_0.gguf", tmp_path / "m.Modelfile")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]

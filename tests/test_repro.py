@@ -3,10 +3,10 @@ CPU. (No-op second repro, downstream-only reruns and experiments: tests/test_pip
 from __future__ import annotations
 
 import pytest
+from helpers import make_records, write_records
 
-from stages.config import DataParams
+from alpaca_lora_cpu.config import DataParams
 from stages.prepare import run as prepare
-from tests.conftest import make_records, write_records
 from tests.test_finetune import finetune, setup_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.repro]

@@ -9,8 +9,7 @@ import sys
 import time
 
 import pytest
-
-from tests.conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,9 @@ import subprocess
 
 import pytest
 import yaml
+from helpers import ROOT
 
-from tests.conftest import ROOT
-
-SOURCES = sorted([*(ROOT / "stages").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")])
+SOURCES = sorted(p for folder in ("stages", "tools", "src") for p in (ROOT / folder).rglob("*.py"))
 
 
 def calls(name: str):

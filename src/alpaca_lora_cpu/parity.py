@@ -5,14 +5,16 @@ output, so every gate looks at prompt tokens and response tokens alike.
 """
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from stages.errors import StageError
-from stages.prompts import render_record
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import read_jsonl
+from alpaca_lora_cpu.metrics import log_probs
+from alpaca_lora_cpu.prompts import render_record
 
 
 class GateFailure(StageError):
@@ -25,8 +27,8 @@ class GateFailure(StageError):
 
 def run_gated(mlflow: Any, metrics_path: Path, work: Callable[[], dict]) -> dict:
     """Run a gated stage's work; its metrics JSON (and MLflow) get the result, or the failed gates."""
-    from stages.atomic import write_json
-    from stages.tracking import log_metrics
+    from alpaca_lora_cpu.files import write_json
+    from alpaca_lora_cpu.tracking import log_metrics
 
     try:
         metrics = work()
@@ -41,10 +43,7 @@ def run_gated(mlflow: Any, metrics_path: Path, work: Callable[[], dict]) -> dict
 
 def gate_texts(val_path: str | Path, n: int, template: str, tokenizer: Any = None) -> list[str]:
     path = Path(val_path)
-    try:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, ValueError) as exc:
-        raise StageError(f"validation file {path}: cannot read ({type(exc).__name__})") from exc
+    rows = read_jsonl(path, "validation file")
     if not rows:
         raise StageError(f"validation file {path} has no records")
     return [render_record(template, r, tokenizer) + r["output"] for r in rows[:n]]
@@ -66,16 +65,10 @@ def hf_logits(model: Any, ids: list[list[int]]) -> list[np.ndarray]:
     return out
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
 def compare(ref: list[np.ndarray], got: list[np.ndarray], ids: list[list[int]]) -> dict:
     """max |Δlogit|, top-1 agreement over all positions, and mean |Δ log-prob| of the actual next tokens."""
     max_diff, agree, positions, dlp = 0.0, 0, 0, []
-    for r, g, seq in zip(ref, got, ids):
+    for r, g, seq in zip(ref, got, ids, strict=True):
         if r.shape != g.shape:
             raise StageError(f"logit shapes differ: {r.shape} vs {g.shape}")
         max_diff = max(max_diff, float(np.abs(r - g).max()))
@@ -84,7 +77,7 @@ def compare(ref: list[np.ndarray], got: list[np.ndarray], ids: list[list[int]]) 
         nxt = np.array(seq[1:])
         if len(nxt):
             rows = np.arange(len(nxt))
-            dlp.append(np.abs(_log_softmax(r[:-1])[rows, nxt] - _log_softmax(g[:-1])[rows, nxt]))
+            dlp.append(np.abs(log_probs(r[:-1])[rows, nxt] - log_probs(g[:-1])[rows, nxt]))
     return {
         "max_abs_logit_diff": max_diff,
         "top1_agreement": agree / positions,

@@ -1,7 +1,8 @@
 """Quantization-quality metrics on next-token distributions, as llama.cpp's `llama-perplexity --kl-divergence`.
 
-Pure numpy; no model code. Rows are positions, columns the vocabulary. "ref" is the reference model
-(finetuned-f16), "q" the variant under test.
+Pure numpy; no model code (`speed_runs` times callables it is given). Rows are positions, columns the
+vocabulary. "ref" is the reference model
+(finetuned), "q" the variant under test.
 
 - perplexity: exp(-mean log p(target)) over the scored (response) positions.
 - KL divergence per position: KL(P_ref || Q) = sum_i p_i (log p_i - log q_i); mean, 99th percentile, max.
@@ -18,6 +19,8 @@ response tokens; `kld_exact` (full distributions) is kept for the tests that bou
 """
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,3 +120,13 @@ def summarize(per_position: dict[str, np.ndarray]) -> dict:
         "rms_delta_p": float(np.sqrt(np.mean(dp ** 2))),
         "positions": int(len(kld)),
     }
+
+
+def speed_runs(pp: Callable[[], float], tg: Callable[[], float], runs: int) -> dict:
+    """Prompt and generation tok/s the way llama-bench reports them: one untimed warm-up of each (pages in the
+    weights, sizes the buffers), then the median of `runs` timed runs, with every run kept."""
+    pp(), tg()
+    pp_runs = [pp() for _ in range(runs)]
+    tg_runs = [tg() for _ in range(runs)]
+    return {"prompt_tps": statistics.median(pp_runs), "gen_tps": statistics.median(tg_runs),
+            "prompt_tps_runs": pp_runs, "gen_tps_runs": tg_runs}

@@ -1,6 +1,6 @@
 """serve: llama-cpp-python's OpenAI-compatible server on a GGUF, bound to 127.0.0.1 (make serve).
 
-Run: python -m stages.serve --model models/gguf/model-q4_k_m.gguf [--port 8000]
+Run: python -m tools.serve --model models/gguf/finetuned-q4_k_m.gguf [--port 8000]
 Then: curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
           -d '{"prompt": "...", "max_tokens": 64}'
 The file is validated first (a truncated or non-GGUF file is one `error:` line, not a crash), then tried in
@@ -9,13 +9,13 @@ seed come from the `generate` section of params.yaml. Only loopback by default: 
 """
 from __future__ import annotations
 
-import argparse
 import socket
 from pathlib import Path
 
-from stages.config import load_params
-from stages.errors import StageError, cli
-from stages.generate import GenerateParams, check_model
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import load_params
+from alpaca_lora_cpu.errors import StageError
+from tools.generate import GenerateParams, check_model
 
 
 def check_port(host: str, port: int) -> None:
@@ -37,8 +37,8 @@ def build_app(model: Path, g: GenerateParams, host: str, port: int):
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-    from stages.gguf_io import captured_stderr
-    from stages.native import preflight
+    from alpaca_lora_cpu.llama import captured_stderr
+    from alpaca_lora_cpu.native import preflight
 
     preflight(model)  # a build or file that crashes llama.cpp: one line from a child, before the server starts
     with captured_stderr() as log:
@@ -52,12 +52,10 @@ def build_app(model: Path, g: GenerateParams, host: str, port: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--model", type=Path, required=True)
+    ap = make_parser(__doc__, "model")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     g = load_params(args.params).generate
     check_model(args.model)
     check_port(args.host, args.port)
@@ -69,4 +67,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

@@ -10,10 +10,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from stages.errors import StageError
+from alpaca_lora_cpu.errors import StageError
 
 
 def ensure_writable(*outputs: str | os.PathLike) -> None:
@@ -83,3 +84,57 @@ def sha256_files(paths: list[Path]) -> str:
         digest.update(p.name.encode())
         digest.update(bytes.fromhex(sha256_file(p)))
     return digest.hexdigest()
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], fields: list[str]) -> None:
+    """A CSV with a header row (the DVC plot format), written atomically."""
+    import csv
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _read_text(path: Path, what: str, hint: str) -> str:
+    if not path.is_file():
+        raise StageError(f"{what} {path} not found" + (f" ({hint})" if hint else ""))
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StageError(f"{what} {path}: cannot read ({type(exc).__name__})") from exc
+
+
+def read_json(path: str | os.PathLike, what: str = "file", hint: str = "") -> Any:
+    """One JSON document; a missing or malformed file is a one-line StageError naming `what` and the path."""
+    p = Path(path)
+    try:
+        return json.loads(_read_text(p, what, hint))
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{what} {p} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file", hint: str = "") -> list:
+    """The records of a JSON Lines file (blank lines skipped); a bad line is a one-line StageError naming it."""
+    p = Path(path)
+    rows = []
+    for i, line in enumerate(_read_text(p, what, hint).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise StageError(f"{what} {p}: cannot read line {i}: not valid JSON ({exc.msg})") from exc
+    return rows
+
+
+def replace_section(path: str | os.PathLike, name: str, body: str, title: str = "") -> None:
+    """Put `body` between `<!-- name -->` and `<!-- /name -->` in a Markdown file (appended, or the file created
+    with `title`, when absent), leaving the rest of the file as it was; written atomically."""
+    import re
+
+    p = Path(path)
+    text = p.read_text(encoding="utf-8") if p.is_file() else (f"{title}\n" if title else "")
+    block = f"<!-- {name} -->\n{body.rstrip()}\n<!-- /{name} -->"
+    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    write_text(p, text)

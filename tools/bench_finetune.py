@@ -1,7 +1,7 @@
 """bench-finetune: this stage's default training vs a reproduction of tloen/alpaca-lora's finetune.py loop, on CPU.
 
 Run: make bench-finetune [BENCH_SOURCE=alpaca_data_cleaned.json]
-     (or: python -m benchmarks.bench_finetune --base models/base --samples 32 [--source FILE])
+     (or: python -m tools.bench_finetune --base models/base --samples 32 [--source FILE])
 
 Same base model (models/base), same records, same LoRA targets and hyperparameters (params.yaml `finetune`),
 same number of training samples. What differs is only the loop semantics:
@@ -9,7 +9,7 @@ same number of training samples. What differs is only the loop semantics:
              (pad_to_multiple_of=8) of random batches, no length grouping, train_on_inputs true, full-vocab
              logits at every position (the model's own loss)
   stage      this stage's default params: packed padding-free micro-batches with per-example SDPA attention
-             (stages/packing.py), loss and logits on response tokens only
+             (src/alpaca_lora_cpu/packing.py), loss and logits on response tokens only
 Printed: non-pad training tokens/s of each, the ratio, and each one's loss on the validation responses after
 the same samples (the stage's eval, identical for both). `--levers` adds a short throughput run per lever,
 each switched on alone over the reference. Records come from data/prepared/train.jsonl and val.jsonl
@@ -21,19 +21,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from stages.config import FinetuneParams, load_params
-from stages.finetune import (encode_all, evaluate_responses, load_model, load_tokenizer, make_collator, read_split,
-                             trainer_class, training_args)
-from stages.packing import real_tokens
-from stages.prepare import Loaded, clean, read_local
+from alpaca_lora_cpu.alpaca_data import Loaded, clean, read_local
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import FinetuneParams, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import read_jsonl, replace_section, write_json
+from alpaca_lora_cpu.packing import real_tokens
+from alpaca_lora_cpu.tracking import DOC_TITLE, machine_stamp
+from alpaca_lora_cpu.training import (
+    encode_all,
+    evaluate_responses,
+    load_model,
+    load_tokenizer,
+    make_collator,
+    trainer_class,
+    training_args,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +56,7 @@ class Setup:
     attention: str  # eager | sdpa
     precision: str = "fp32"
     pad_to_multiple_of: int | None = None
-    packing: bool = False  # packed rows attend per example (stages/packing.py) whatever `attention` says
+    packing: bool = False  # packed rows attend per example (src/alpaca_lora_cpu/packing.py) whatever `attention` says
 
 
 REFERENCE = Setup("reference (alpaca-lora loop)", False, True, False, "eager", "fp32", 8)
@@ -160,17 +171,35 @@ def profile_stage(params: FinetuneParams, base: Path, tokenizer, prompt: str, tr
 def records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     """(train, val) records: the prepared splits, or a seeded sample of an Alpaca file."""
     if args.source is None:
-        return read_split(args.data / "train.jsonl")[: args.samples], read_split(args.data / "val.jsonl")[: args.val]
+        train, val = (read_jsonl(args.data / f"{split}.jsonl", "data split") for split in ("train", "val"))
+        return train[: args.samples], val[: args.val]
     valid, _ = clean(Loaded(read_local(args.source), str(args.source), False), "drop")
     if len(valid) < args.samples + args.val:
-        raise SystemExit(f"--source {args.source}: {len(valid)} valid records, need {args.samples + args.val}")
+        raise StageError(f"--source {args.source}: {len(valid)} valid records, need {args.samples + args.val}")
     chosen = random.Random(args.seed).sample(valid, args.samples + args.val)
     return chosen[: args.samples], chosen[args.samples:]
 
 
+def doc_section(args: argparse.Namespace, results: list[dict], header: str) -> str:
+    """The Markdown docs/benchmarks.md gets: the stamp, the exact command, the side-by-side table, the levers."""
+    ref, stage = results[0], results[1]
+    command = " ".join(["python -m tools.bench_finetune", *args.argv])
+    lines = [f"## bench-finetune: {machine_stamp()}", "", f"`{command}`", "", header, "",
+             "| run | samples | non-pad tokens/s | × reference | eval loss |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r in (ref, stage):
+        lines.append(f"| {r['setup']} | {r['samples']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f} | {r['eval_loss']:.4f} |")
+    if len(results) > 2:
+        lever_ref = results[2]
+        lines += ["", f"Each lever alone over the reference ({lever_ref['samples']} samples each):", "",
+                  "| lever | tokens/s | × reference |", "| --- | ---: | ---: |"]
+        lines += [f"| {r['setup']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / lever_ref['tokens_per_s']:.2f} |"
+                  for r in results[2:]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
+    ap = make_parser(__doc__)
     ap.add_argument("--base", type=Path, default=Path("models/base"))
     ap.add_argument("--data", type=Path, default=Path("data/prepared"))
     ap.add_argument("--source", type=Path, help="an Alpaca JSON/JSONL/parquet file to sample instead of --data")
@@ -182,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="profile a stage-defaults run (--lever-samples samples): where the time goes")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    args = ap.parse_args(argv)
+    ap.add_argument("--doc", type=Path, help="write the results as a stamped section of this Markdown file")
+    args = parse_args(ap, argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     config = load_params(args.params)
     # One optimizer step per micro-batch: a short run still moves the adapter, so the eval losses compare.
     params = dataclasses.replace(config.finetune, batch_size=config.finetune.micro_batch_size)
@@ -190,11 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.base)
     train, val = records(args)
     val_set = encode_all(val, tokenizer, prompt, params.cutoff_len, False, "val")
-    print(f"bench-finetune: {args.base}, {args.source or args.data}, {len(train)} training samples, "
-          f"{len(val_set)} val records, batch {params.batch_size}/{params.micro_batch_size}, "
-          f"targets {params.lora.target_modules}, "
-          f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
-          f"fp32 matmul peak {matmul_peak():.0f} GFLOP/s (2048³ torch.mm)", flush=True)
+    header = (f"bench-finetune: {args.base}, {args.source or args.data}, {len(train)} training samples, "
+              f"{len(val_set)} val records, batch {params.batch_size}/{params.micro_batch_size}, "
+              f"targets {params.lora.target_modules}, "
+              f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
+              f"fp32 matmul peak {matmul_peak():.0f} GFLOP/s (2048³ torch.mm)")
+    print(header, flush=True)
     results = []
     for setup in (REFERENCE, stage_setup(params)):
         r = train_once(setup, params, args.base, tokenizer, prompt, train, val_set, args.samples, evaluate=True)
@@ -220,8 +252,10 @@ def main(argv: list[str] | None = None) -> None:
         profile_stage(params, args.base, tokenizer, prompt, train, val_set, args.lever_samples)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
+    if args.doc:
+        replace_section(args.doc, "bench-finetune", doc_section(args, results, header), title=DOC_TITLE)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

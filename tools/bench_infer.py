@@ -1,6 +1,7 @@
 """bench-infer: llama-cpp-python generation speed of one GGUF against this machine's memory-bandwidth bound.
 
-Run: python -m stages.bench_infer --params params.yaml --gguf models/gguf/model-q4_0.gguf   (make bench-infer QUANT=q4_0)
+Run (make bench-infer QUANT=q4_0):
+    python -m tools.bench_infer --params params.yaml --gguf models/gguf/finetuned-q4_0.gguf
 
 Generating one token reads (about) every weight once, so generation speed is bounded by
 memory bandwidth ÷ bytes read per token. Bytes per token = the GGUF's tensor data (its file size less the
@@ -11,15 +12,17 @@ their ratio. Small models can partly sit in the CPU caches, so ratios above 1 ar
 """
 from __future__ import annotations
 
-import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from stages.config import load_params
-from stages.errors import StageError, cli
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import replace_section
+from alpaca_lora_cpu.tracking import DOC_TITLE, machine_stamp
 
 
 def memory_bandwidth(threads: int, mib: int = 512, passes: int = 5) -> float:
@@ -43,11 +46,10 @@ def tensor_bytes(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--gguf", type=Path, required=True)
-    args = ap.parse_args(argv)
-    from stages.llama_io import bench
+    ap = make_parser(__doc__, "gguf")
+    ap.add_argument("--doc", type=Path, help="also write the result as a stamped section of this Markdown file")
+    args = parse_args(ap, argv)
+    from alpaca_lora_cpu.llama import bench
 
     params = load_params(args.params).evaluate
     if not args.gguf.is_file():
@@ -58,14 +60,19 @@ def main(argv: list[str] | None = None) -> None:
     bw = memory_bandwidth(params.threads)
     per_token = tensor_bytes(args.gguf)
     bound = bw / per_token
-    print(f"{'model':<34}{args.gguf.name}")
-    print(f"{'threads':<34}{params.threads}")
-    print(f"{'bytes read per token (tensors)':<34}{per_token / 1e6:.1f} MB")
-    print(f"{'memory read bandwidth (numpy)':<34}{bw / 1e9:.2f} GB/s")
-    print(f"{'bandwidth bound':<34}{bound:.1f} tok/s")
-    print(f"{'llama-cpp-python generation':<34}{speed['gen_tps']:.1f} tok/s (median of {s.runs}, tg{s.gen_tokens})")
-    print(f"{'ratio measured / bound':<34}{speed['gen_tps'] / bound:.2f}")
+    rows = [("model", args.gguf.name), ("threads", str(params.threads)),
+            ("bytes read per token (tensors)", f"{per_token / 1e6:.1f} MB"),
+            ("memory read bandwidth (numpy)", f"{bw / 1e9:.2f} GB/s"), ("bandwidth bound", f"{bound:.1f} tok/s"),
+            ("llama-cpp-python generation", f"{speed['gen_tps']:.1f} tok/s (median of {s.runs}, tg{s.gen_tokens})"),
+            ("ratio measured / bound", f"{speed['gen_tps'] / bound:.2f}")]
+    for name, value in rows:
+        print(f"{name:<34}{value}")
+    if args.doc:
+        body = [f"## bench-infer {args.gguf.name}: {machine_stamp()}", "",
+                f"`python -m tools.bench_infer --gguf {args.gguf}`", "", "| | |", "| --- | --- |",
+                *(f"| {name} | {value} |" for name, value in rows)]
+        replace_section(args.doc, f"bench-infer {args.gguf.stem}", "\n".join(body), title=DOC_TITLE)
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

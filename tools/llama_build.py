@@ -1,7 +1,7 @@
 """Build llama-cpp-python for this CPU on purpose, probe the build, and fall back to safer flags if it faults.
 
 Run by `make setup` (override: `make setup LLAMA_CMAKE_ARGS="-DGGML_AVX2=ON ..."`, or `=safe`, or `=auto`):
-    python -m scripts.llama_build [--cmake-args auto|safe|"<cmake args>"]
+    python -m tools.llama_build [--cmake-args auto|safe|"<cmake args>"]
 
 llama-cpp-python's default build is `-march=native`, which also compiles ggml's AMX kernels where the CPU
 lists AMX; under some hypervisors those fault (SIGILL) on the first multi-token eval of a quantized model.
@@ -25,9 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 VERSION_FILE = Path("requirements.lock")
 RECORD = Path(sys.prefix) / "llama-build.json"
@@ -236,11 +236,13 @@ def run_probe(workdir: Path) -> dict:
         qp.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
         if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(qp)) != 0:
             raise RuntimeError(f"llama_model_quantize to {qtype} failed")
-        llm = llama_cpp.Llama(str(dst), n_ctx=128, n_batch=64, n_threads=os.cpu_count() or 1, verbose=False)
+        # logits_all: without it llama-cpp-python never fills `scores` (the rows are uninitialised memory).
+        llm = llama_cpp.Llama(str(dst), n_ctx=128, n_batch=64, n_threads=os.cpu_count() or 1, logits_all=True,
+                              verbose=False)
         try:
             llm.eval([1, *range(300, 332)])  # a 33-token batch: the matmul path that faulted
             llm.eval([400])
-            if not np.isfinite(np.array(llm.scores[llm.n_tokens - 1])).all():
+            if not np.isfinite(np.array(llm.scores[:llm.n_tokens])).all():
                 raise RuntimeError(f"non-finite logits from the {qtype} model")
         finally:
             llm.close()
@@ -251,10 +253,10 @@ def run_probe(workdir: Path) -> dict:
 
 def probe() -> ProbeResult:
     """Run the probe in a child process so a fault kills it, not setup."""
-    from stages.native import signal_name
+    from alpaca_lora_cpu.native import signal_name
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([sys.executable, "-m", "scripts.llama_build", "--probe-in", tmp],
+        proc = subprocess.run([sys.executable, "-m", "tools.llama_build", "--probe-in", tmp],
                               capture_output=True, text=True)
     if proc.returncode < 0:
         return ProbeResult(False, signal_name(-proc.returncode), proc.stderr.strip()[-300:])
@@ -272,10 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe_in:
         import resource
 
-        from stages.native import FAULT_ENV
+        from alpaca_lora_cpu.native import FAULT_ENV
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a fault is reported by the parent, no core file
-        if os.environ.get(FAULT_ENV):  # failure injection, as in every llama.cpp child (stages/native.py)
+        if os.environ.get(FAULT_ENV):  # failure injection, as in every llama.cpp child (src/alpaca_lora_cpu/native.py)
             import signal
 
             signal.raise_signal(signal.Signals[os.environ[FAULT_ENV]])

@@ -36,7 +36,7 @@ def varlen_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: A
     gqa = query.shape[1] != key.shape[1]
     parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
                                             scale=scaling, dropout_p=dropout, enable_gqa=gqa)
-             for s, e in zip(cuts[:-1], cuts[1:])]
+             for s, e in zip(cuts[:-1], cuts[1:], strict=True)]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -1,9 +1,9 @@
 """generate / chat: run a GGUF on the CPU with llama-cpp-python (the tutorial's `./main -m … -n 128 -p …`).
 
 Run:
-    python -m stages.generate --model models/gguf/model-q4_0.gguf -n 128 \
+    python -m tools.generate --model models/gguf/finetuned-q4_0.gguf -n 128 \
         --prompt "Building a website can be done in 10 simple steps:"        # one completion (make generate)
-    python -m stages.generate --model models/gguf/model-q4_k_m.gguf --chat  # REPL streaming tokens (make chat)
+    python -m tools.generate --model models/gguf/finetuned-q4_k_m.gguf --chat  # REPL streaming tokens (make chat)
 
 The prompt is wrapped in the training template (`prompt.template`, Alpaca by default) unless `--raw`.
 Sampling comes from the `generate` section of params.yaml (temperature 0 = greedy). Chat turns are
@@ -12,23 +12,25 @@ A missing, truncated or non-GGUF model file stops with one `error:` line before 
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from stages.config import GenerateParams, load_params
-from stages.errors import StageError, cli
-from stages.prompts import render
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import GenerateParams, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.prompts import render
 
 STOPS = ["### Instruction:", "### Input:"]
 
 
 def check_model(path: Path) -> None:
-    from stages.gguf_io import check_gguf
+    from alpaca_lora_cpu.gguf_files import check_gguf
 
     if not path.exists():
-        built = sorted(p.stem.removeprefix("model-") for p in path.parent.glob("model-*.gguf"))
+        built = sorted(p.stem.removeprefix("finetuned-") for p in path.parent.glob("finetuned-*.gguf"))
         raise StageError(f"{path} not found: build it with `make repro` (quantize.types lists the levels), "
                          f"or pick QUANT= from: {', '.join(built) or 'nothing built yet'}")
     check_gguf(path)
@@ -72,8 +74,10 @@ def respond(llm: Any, prompt: str, n: int, g: GenerateParams, template: str, raw
     """The answer's pieces; a prompt too long for the context is a `StageError` before anything streams."""
     if template == "chat" and not raw:
         return _context_errors(stream_chat(llm, prompt, n, g), llm.n_ctx())
+    from alpaca_lora_cpu.llama import tokenize
+
     text = completion_text(prompt, template, raw)
-    n_prompt = len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+    n_prompt = len(tokenize(llm, text))
     return stream(llm, text, fit_new_tokens(n_prompt, n, llm.n_ctx()), g)
 
 
@@ -108,14 +112,12 @@ def repl(llm: Any, n: int, g: GenerateParams, template: str, raw: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--model", type=Path, required=True, help="a GGUF file, e.g. models/gguf/model-q4_0.gguf")
+    ap = make_parser(__doc__, "model")
     ap.add_argument("--prompt", help="the instruction (or, with --raw, the exact text) to complete")
     ap.add_argument("-n", "--n-predict", type=int, default=128, help="max new tokens")
     ap.add_argument("--raw", action="store_true", help="no template: complete the prompt text as is")
     ap.add_argument("--chat", action="store_true", help="interactive REPL")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     if not args.chat and not args.prompt:
         raise StageError("give --prompt (make generate PROMPT=\"...\") or --chat")
     if args.n_predict < 1:
@@ -123,9 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     g, template = params.generate, params.prompt.template
     check_model(args.model)
-    from stages.gguf_io import open_llama
+    from alpaca_lora_cpu.llama import open_llama
 
-    with open_llama(args.model, n_ctx=g.n_ctx, seed=g.seed) as llm:
+    with open_llama(args.model, n_ctx=g.n_ctx, threads=os.cpu_count() or 1, seed=g.seed) as llm:
         if args.chat:
             repl(llm, args.n_predict, g, template, args.raw)
             return
@@ -135,4 +137,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run_cli(main)

@@ -17,12 +17,12 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from stages.errors import StageError
+from alpaca_lora_cpu.errors import StageError
 
 T = TypeVar("T")
 PARAMS_FILE = "params.yaml"
 MIN_CUTOFF = 16
-REFERENCE_VARIANT = "finetuned-f16"  # the variant every other one is compared with (evaluate, report)
+REFERENCE_VARIANT = "finetuned"  # the variant every other one is compared with (evaluate, report)
 
 
 def check_gate_sizes(section: str, gate_prompts: int, gate_max_tokens: int) -> None:
@@ -167,8 +167,8 @@ class QuantizeParams:
 
 @dataclass(frozen=True)
 class GenerateParams:
-    n_ctx: int
-    temperature: float
+    n_ctx: int             # context window of make generate / chat / serve
+    temperature: float     # 0 = greedy
     top_p: float
     repeat_penalty: float
     seed: int
@@ -234,6 +234,21 @@ class EvaluateParams:
             raise ValueError(f"evaluate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+@dataclass(frozen=True)
+class ReportParams:
+    q8_max_kld: float          # q8_0 mean KLD against the reference must not exceed this
+    q8_min_top1: float         # q8_0 top-1 agreement with the reference must reach this share
+    q4_min_speedup: float      # q4_0 generation tok/s over transformers fp32 must reach this ratio
+
+    def __post_init__(self) -> None:
+        if self.q8_max_kld <= 0:
+            raise ValueError(f"report.q8_max_kld must be > 0, got {self.q8_max_kld}")
+        if not 0 < self.q8_min_top1 <= 1:
+            raise ValueError(f"report.q8_min_top1 must be in (0, 1], got {self.q8_min_top1}")
+        if self.q4_min_speedup <= 0:
+            raise ValueError(f"report.q4_min_speedup must be > 0, got {self.q4_min_speedup}")
+
+
 # ---------------------------------------------------------------- the whole file
 
 @dataclass(frozen=True)
@@ -248,6 +263,7 @@ class Params:
     generate: GenerateParams
     reference: ReferenceParams
     evaluate: EvaluateParams
+    report: ReportParams
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
@@ -259,13 +275,13 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 def check_across(p: Params) -> None:
     """Rules between sections, which no single section's `__post_init__` can see."""
-    # dvc.yaml's quantize@<type> writes models/gguf/model-<type>.gguf; without a variant on that file the level is
+    # dvc.yaml's quantize@<type> writes models/gguf/finetuned-<type>.gguf; without a variant on that file the level is
     # built but never evaluated, and the report would stop at the very end of the pipeline.
     stems = set(p.evaluate.variants.values())
     for t in p.quantize.types:
-        if f"model-{t}" not in stems:
+        if f"finetuned-{t}" not in stems:
             raise StageError(f"params: quantize.types has {t!r} but no evaluate.variants entry has the GGUF stem "
-                             f"'model-{t}': add '{t}: model-{t}' to evaluate.variants")
+                             f"'finetuned-{t}': add '{t}: finetuned-{t}' to evaluate.variants")
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict:

@@ -16,10 +16,11 @@ import functools
 import multiprocessing
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from stages.errors import StageError
+from alpaca_lora_cpu.errors import StageError
 
 REBUILD = "make setup LLAMA_CMAKE_ARGS=safe"
 # Failure injection (tests, `make verify-failure`): a signal name makes every child kill itself with it first, so

@@ -1,0 +1,278 @@
+"""LoRA training on Hugging Face Trainer + PEFT, the pieces the finetune stage and bench-finetune share: checks
+before the model loads, tokenizing records into prompt-masked examples, collators (padded or packed), the model
+with its LoRA adapter, the response-only loss, the Trainer class and its arguments.
+
+Every example ends with the tokenizer's EOS (its label is never masked, even though pad == eos); labels are built
+explicitly instead of from `input_ids == pad`; with `train_on_inputs` false the loss (and the 49k-vocab logits)
+are computed on response tokens only. No work at import time: torch and transformers load inside functions.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+from alpaca_lora_cpu.config import FinetuneParams, LoraParams
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.packing import IGNORE, model_inputs, real_tokens
+from alpaca_lora_cpu.packing import collator as packing_collator
+from alpaca_lora_cpu.packing import register as register_packed_attention
+from alpaca_lora_cpu.prompts import render_record
+
+log = logging.getLogger("finetune")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) as set by `accelerate launch` / torchrun; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def linear_module_names(base: Path) -> list[str]:
+    """Short names of the model's nn.Linear modules (q_proj, …), from a weightless (meta-device) instance."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (base / "config.json").is_file():
+        raise StageError(f"base model folder {base} has no config.json (run the base stage first)")
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out_layer = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                   if isinstance(mod, torch.nn.Linear) and mod is not out_layer})
+
+
+def check_targets(lora: LoraParams, available: list[str]) -> None:
+    if lora.target_modules == "all-linear":
+        return
+    unknown = [m for m in lora.target_modules if m not in available]
+    if unknown:
+        raise StageError(f"finetune.lora.target_modules: the model has no linear module {unknown[0]!r} "
+                         f"(its linear modules: {', '.join(available)}; or use 'all-linear')")
+
+
+def check_bitsandbytes(quantization: str) -> None:
+    """8bit/4bit need a bitsandbytes that can quantize on this device: try a tiny tensor, not the model."""
+    if quantization == "none":
+        return
+    try:
+        import bitsandbytes.functional as bnbf
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        sample = torch.randn(64, 64, device=device)
+        if quantization == "4bit":
+            bnbf.quantize_4bit(sample, quant_type="nf4")
+        else:
+            bnbf.int8_vectorwise_quant(sample.half() if device == "cuda" else sample)
+    except Exception as exc:  # ImportError, missing native library, unsupported device: all mean "unusable"
+        raise StageError(f"finetune.quantization {quantization} needs a working bitsandbytes, which is unusable "
+                         f"here ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                         "set finetune.quantization: none") from exc
+
+
+def encode(record: dict, tokenizer: Any, template: str, cutoff_len: int, train_on_inputs: bool) -> dict | None:
+    """input_ids / attention_mask / labels for one record: prompt + output + EOS, truncated to `cutoff_len`.
+
+    Prompt and response are tokenized separately (as at inference, where the prompt is tokenized alone) so
+    the mask boundary is exact. Labels are set explicitly: the EOS label stays even though pad == eos.
+    None when nothing would be learned (the prompt alone fills `cutoff_len` and prompt tokens are masked).
+    """
+    prompt_ids = tokenizer(render_record(template, record, tokenizer), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:cutoff_len]
+    n_prompt = min(len(prompt_ids), len(input_ids))
+    labels = list(input_ids) if train_on_inputs else [IGNORE] * n_prompt + input_ids[n_prompt:]
+    if all(x == IGNORE for x in labels[1:]):
+        return None
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def encode_all(records: list[dict], tokenizer: Any, template: str, cutoff_len: int,
+               train_on_inputs: bool, split: str) -> list[dict]:
+    encoded = [encode(r, tokenizer, template, cutoff_len, train_on_inputs) for r in records]
+    kept = [e for e in encoded if e is not None]
+    if len(kept) < len(encoded):
+        log.warning("%s: %d record(s) dropped: the prompt alone fills finetune.cutoff_len=%d",
+                    split, len(encoded) - len(kept), cutoff_len)
+    if not kept:
+        raise StageError(f"{split}: no record fits finetune.cutoff_len={cutoff_len} with room for a response")
+    return kept
+
+
+def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None, packing: bool = False):
+    """Packed rows (src/alpaca_lora_cpu/packing.py), or right-padding with the pad token and labels padded with -100
+    (never derived from input_ids == pad)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    if packing:
+        return packing_collator()
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=pad_to_multiple_of,
+                                  label_pad_token_id=IGNORE, return_tensors="pt")
+
+
+def load_tokenizer(base: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.eos_token_id is None:
+        raise StageError(f"tokenizer in {base} has no EOS token")
+    if tokenizer.pad_token_id is None:
+        # Explicit pad; sharing EOS is safe because labels never come from input_ids == pad.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def response_loss(model: Any, batch: dict) -> tuple[Any, Any]:
+    """(sum of token cross-entropies, number of labelled tokens); logits only where a label exists.
+
+    The 49k-vocab projection and its softmax are a large share of a small model's step: with prompt tokens
+    and padding masked there is no reason to compute them there.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t+1
+    out = model(**model_inputs(batch), logits_to_keep=keep)
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    targets = labels[:, 1:][keep[:, :-1]]
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+
+
+def evaluate_responses(model: Any, examples: list[dict], collator: Any, batch_size: int) -> dict:
+    """Token-weighted mean loss over response tokens (examples encoded with the prompt masked)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = collator(examples[i:i + batch_size])
+            # Packed batches also carry plain ints (max_length_q/k).
+            batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+            loss_sum, n = response_loss(model, batch)
+            total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def trainer_class():
+    """Trainer with the response-only loss and a count of non-pad training tokens (built lazily: heavy import)."""
+    from transformers import Trainer
+
+    class FinetuneTrainer(Trainer):
+        train_tokens = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                self.train_tokens += real_tokens(inputs)
+            loss_sum, count = response_loss(model, inputs)
+            # Normalise by the labelled tokens of the whole accumulated batch when the Trainer counted them
+            # (exact gradient accumulation), else by this micro-batch's.
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+            return (loss, {}) if return_outputs else loss
+
+    return FinetuneTrainer
+
+
+def load_model(base: Path, params: FinetuneParams):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[params.precision]
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if params.quantization != "none":
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if params.quantization == "8bit" else
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        kwargs["device_map"] = {"": local if torch.cuda.is_available() else "cpu"}
+    if params.packing:
+        kwargs["attn_implementation"] = register_packed_attention()
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if params.quantization != "none":
+        # Gradient checkpointing trades compute for memory; the models here fit, so keep the compute.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = params.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                        task_type="CAUSAL_LM",
+                        target_modules=lora.target_modules if isinstance(lora.target_modules, str)
+                        else list(lora.target_modules))
+    return get_peft_model(model, config)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def mlflow_callback(mlflow: Any):
+    """Per-step loss / learning rate / eval loss into the stage's own MLflow run (rank 0 only).
+
+    The Trainer's MLflow integration would start a second run and clash with the one `stage_run` holds open
+    ("Run already active"), so `report_to` is empty and this callback logs instead.
+    """
+    from transformers import TrainerCallback
+
+    class MlflowSteps(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if mlflow is None or not state.is_world_process_zero or not logs:
+                return
+            keys = ("loss", "learning_rate", "grad_norm", "eval_loss")
+            values = {("train_loss" if k == "loss" else k): float(v) for k, v in logs.items() if k in keys}
+            if values:
+                mlflow.log_metrics(values, step=state.global_step)
+
+    return MlflowSteps()
+
+
+def training_args(params: FinetuneParams, ckpt_dir: Path):
+    import torch
+    from transformers import TrainingArguments
+
+    _, world_size = world()
+    return TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=params.micro_batch_size,
+        per_device_eval_batch_size=params.micro_batch_size,
+        gradient_accumulation_steps=params.batch_size // (params.micro_batch_size * world_size),
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps or -1,
+        learning_rate=params.learning_rate,
+        warmup_steps=params.warmup_steps,
+        lr_scheduler_type="linear",  # alpaca-lora: Trainer default, linear decay after warm-up
+        optim="adamw_torch",
+        weight_decay=0.0,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=params.eval_steps,
+        prediction_loss_only=True,
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=2,  # the newest plus one older, in case the newest was cut off mid-write
+        bf16=params.precision == "bf16",
+        fp16=params.precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=params.seed,
+        data_seed=params.seed,
+        train_sampling_strategy="group_by_length" if params.group_by_length else "random",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
+        disable_tqdm=False,
+    )
