@@ -115,9 +115,10 @@ def shrink_params(repo: Path, quants: list[str], overrides: dict | None = None) 
         "quantize": {"types": quants},
         "reference": {"max_records": 3, "max_response_tokens": 32, "generate_records": 2,
                       "showcase_prompts": doc["reference"]["showcase_prompts"][:2]},
-        "evaluate": {"max_new_tokens": 16, "speed": {"prompt_tokens": 64, "gen_tokens": 16, "runs": 3},
-                     "variants": {k: v for k, v in doc["evaluate"]["variants"].items()
-                                  if k in ("base", "finetuned", *quants)}},
+        "evaluate": {"max_new_tokens": 16, "speed": {"prompt_tokens": 64, "gen_tokens": 16, "runs": 3}},
     })
+    # Replaced, not merged: only the kept quantization levels get evaluate stages.
+    doc["evaluate"]["variants"] = {k: v for k, v in doc["evaluate"]["variants"].items()
+                                   if k in ("base", "finetuned", *quants)}
     _merge(doc, overrides or {})
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
