@@ -274,8 +274,8 @@ def render(inputs: Inputs, rows: list[dict], goals: list[dict], env: dict, figur
         "# Evaluation report", "",
         f"Run `{ref['run_id']}`: {ref['records']} held-out records, {ref['positions']} response tokens scored "
         f"(prompt masked); KLD, top-1 and Δp against finetuned (llama.cpp logits of the reference GGUF, top-"
-        f"{ref['top_k']} + exact rest mass, see README); greedy answers to {ref['generate_prompts']} validation "
-        f"and {ref['showcase_prompts']} fixed prompts, at most {any_v['max_new_tokens']} new tokens. "
+        f"{ref['top_k']} + exact rest mass, see docs/stages.md); greedy answers to {ref['generate_prompts']} "
+        f"validation and {ref['showcase_prompts']} fixed prompts, at most {any_v['max_new_tokens']} new tokens. "
         f"Speed: llama-cpp-python, {s['threads']} threads, median of {s['runs']} runs after a warm-up, "
         f"prompt {s['prompt_tokens']} tokens, generation {s['gen_tokens']} tokens.", "",
         "## Targets", "",
