@@ -26,6 +26,8 @@ from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import REFERENCE_VARIANT, EvaluateParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import read_json, read_jsonl, sha256_file, write_json, write_jsonl
+from alpaca_lora_cpu.metrics import repeats_ngram
+from alpaca_lora_cpu.prompts import cut_at_stop, leaks_template, stop_sequences
 
 log = logging.getLogger("evaluate")
 
@@ -78,22 +80,28 @@ def score(gguf: Path, ref: Reference, threads: int) -> dict:
     return summarize({k: np.concatenate(v) for k, v in parts.items()})
 
 
-def generate_all(gguf: Path, ref: Reference, threads: int, max_new_tokens: int) -> list[dict]:
+def generate_all(gguf: Path, ref: Reference, threads: int, max_new_tokens: int, template: str,
+                 extra_stops: tuple[str, ...]) -> list[dict]:
+    """Greedy answers without stop sequences (`raw`, what the instruction-following metrics judge), and each
+    cut where the project's stop sequences would end it (`text`, what users see, ROUGE and the report use)."""
     from tqdm import tqdm
 
-    from alpaca_lora_cpu.llama import generate, open_llama
+    from alpaca_lora_cpu.llama import eos_text, generate, open_llama
 
     rows = []
     with open_llama(gguf, threads=threads, n_ctx=2048) as llm:
+        stops = stop_sequences(template, extra_stops, end_token=eos_text(llm))
         for p in tqdm(ref.prompts, desc=f"generating {gguf.name}", unit="prompt"):
             g = generate(llm, p["prompt"], max_new_tokens)
-            rows.append({"kind": p["kind"], "id": p["id"], "instruction": p.get("instruction"), "text": g.text,
-                         "tokens": g.tokens, "eos": g.stopped})
+            rows.append({"kind": p["kind"], "id": p["id"], "instruction": p.get("instruction"),
+                         "text": cut_at_stop(g.text, stops), "raw": g.text, "tokens": g.tokens, "eos": g.stopped})
     return rows
 
 
 def generation_metrics(rows: list[dict], ref: Reference) -> dict:
-    """ROUGE-L F1 (rouge-score, stemmed) against the reference outputs; length and EOS share over all answers."""
+    """ROUGE-L F1 (rouge-score, stemmed) of the cut answers against the reference outputs; on the raw answers:
+    the share that ended with EOS before the limit, that wrote an Alpaca header (a template leak), that repeat
+    a 4-gram 3 or more times, and their mean length in tokens."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -103,8 +111,10 @@ def generation_metrics(rows: list[dict], ref: Reference) -> dict:
     return {
         "rouge_l_f1": float(np.mean(rouge)) if rouge else None,
         "rouge_prompts": len(rouge),
-        "mean_response_tokens": float(np.mean([r["tokens"] for r in rows])),
-        "eos_stop_share": float(np.mean([r["eos"] for r in rows])),
+        "mean_answer_tokens": float(np.mean([r["tokens"] for r in rows])),
+        "eos_stop_rate": float(np.mean([r["eos"] for r in rows])),
+        "template_leak_rate": float(np.mean([leaks_template(r["raw"]) for r in rows])),
+        "repetition_rate": float(np.mean([repeats_ngram(r["raw"]) for r in rows])),
         "generated_prompts": len(rows),
     }
 
@@ -119,7 +129,8 @@ def check_inputs(variant: str, gguf: Path, ref_dir: Path, params: EvaluateParams
     return load_reference(ref_dir)
 
 
-def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams) -> tuple[dict, list[dict]]:
+def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams, template: str,
+        extra_stops: tuple[str, ...]) -> tuple[dict, list[dict]]:
     from alpaca_lora_cpu.llama import bench, system_info
 
     gguf_sha = sha256_file(gguf)
@@ -127,7 +138,7 @@ def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams) -> tup
         raise StageError(f"variant {variant}: {gguf} differs from the file the reference was computed on "
                          f"({ref.meta['gguf']}); rerun the reference stage")
     quality = score(gguf, ref, params.threads)
-    rows = generate_all(gguf, ref, params.threads, params.max_new_tokens)
+    rows = generate_all(gguf, ref, params.threads, params.max_new_tokens, template, extra_stops)
     speed = bench(gguf, threads=params.threads, prompt_tokens=params.speed.prompt_tokens,
                   gen_tokens=params.speed.gen_tokens, runs=params.speed.runs)
     size = speed.pop("file_size_bytes")
@@ -150,14 +161,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "gguf", "reference", "metrics", "generations")
     ap.add_argument("--variant", required=True)
     args = parse_args(ap, argv)
-    params = load_params(args.params).evaluate
+    config = load_params(args.params)
+    params = config.evaluate
     ref = check_inputs(args.variant, args.gguf, args.reference, params)
     from alpaca_lora_cpu.tracking import log_metrics, stage_run
 
     logged = {"variant": args.variant, "gguf": str(args.gguf), "threads": params.threads,
-              "max_new_tokens": params.max_new_tokens, "speed": as_dict(params.speed)}
+              "max_new_tokens": params.max_new_tokens, "speed": as_dict(params.speed),
+              "prompt": as_dict(config.prompt), "generate": {"stop": list(config.generate.stop)}}
     with stage_run("evaluate", logged, run_name=f"evaluate {args.variant}") as mlflow:
-        metrics, rows = run(args.variant, args.gguf, ref, params)
+        metrics, rows = run(args.variant, args.gguf, ref, params, config.prompt.template, config.generate.stop)
         write_jsonl(args.generations, rows)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "llama_cpp"})

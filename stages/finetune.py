@@ -17,6 +17,7 @@ the validation responses (prompt tokens never count), so it is comparable across
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -32,6 +33,7 @@ from alpaca_lora_cpu.files import atomic_path, read_jsonl, write_csv, write_json
 from alpaca_lora_cpu.training import (
     check_bitsandbytes,
     check_targets,
+    choose_precision,
     encode_all,
     evaluate_responses,
     linear_module_names,
@@ -190,6 +192,10 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
 
     started = time.time()
     rank, world_size = world()
+    precision, probe = choose_precision(params.precision, params.bf16_min_speedup)
+    params = dataclasses.replace(params, precision=precision)  # checkpoints and Trainer see the real choice
+    if mlflow is not None:
+        mlflow.set_tag("precision", precision)
     tokenizer = load_tokenizer(paths.base)
     train_set, val_set = encode_splits(splits, tokenizer, params, prompt.template)
     resume = resume_point(params, prompt, paths, is_main=rank == 0)
@@ -197,7 +203,10 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
     mean_loss, train_seconds = train(trainer, resume)
     if rank != 0:
         return None
-    evals = evaluate_responses(trainer.model, val_set, trainer.data_collator, params.micro_batch_size)
+    # Without accelerate's mixed-precision wrapper: the eval loss is fp32 whatever the training precision, so it
+    # compares across precisions (the wrapper would keep running forward under bf16/fp16 autocast).
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    evals = evaluate_responses(model, val_set, trainer.data_collator, params.micro_batch_size)
     if mlflow is not None:
         mlflow.log_metrics({"eval_loss_final": evals["eval_loss"]}, step=trainer.state.global_step)
     adapter, train_curve = save_outputs(trainer, paths)
@@ -220,6 +229,9 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
         "total_parameters": total,
         "processes": world_size,
         "torch_threads": torch.get_num_threads(),
+        "precision_bf16": int(precision == "bf16"),
+        "precision_fp16": int(precision == "fp16"),
+        **probe,
         **adapter,
     }
 

@@ -25,7 +25,7 @@ from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import PromptParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, ensure_writable, write_json, write_text
-from alpaca_lora_cpu.prompts import ALPACA_NO_INPUT
+from alpaca_lora_cpu.prompts import ALPACA_NO_INPUT, stop_sequences
 
 log = logging.getLogger("quantize")
 TYPE_NAME = re.compile(r"^(Q[2-8]_(0|1|K|K_[SML])|F16|BF16)$")
@@ -110,15 +110,15 @@ def other_types(infos: list, qtype: str, log_lines: list[str]) -> dict:
     return {r: {**g, "stored": dict(sorted(g["stored"].items()))} for r, g in groups.items()}
 
 
-def modelfile(gguf_name: str, template: str, stops: list[str]) -> str:
-    """An Ollama Modelfile: FROM the GGUF beside it, the training prompt template, stop sequences."""
+def modelfile(gguf_name: str, template: str, eos: list[str], extra: tuple[str, ...] = ()) -> str:
+    """An Ollama Modelfile: FROM the GGUF beside it, the training prompt template, and the project's stop
+    sequences (prompts.stop_sequences) plus the model's EOS text."""
     if template == "alpaca":
         body = ALPACA_NO_INPUT.replace("{instruction}", "{{ .Prompt }}")
-        stops = ["### Instruction:", *stops]
     else:  # the ChatML layout of SmolLM2-style chat templates, in Ollama's Go template syntax
         body = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
                 "<|im_start|>assistant\n")
-        stops = ["<|im_end|>", *stops]
+    stops = [*stop_sequences(template, extra, end_token="<|im_end|>"), *eos]
     lines = [f"# Ollama: ollama create {Path(gguf_name).stem} -f {Path(gguf_name).stem}.Modelfile "
              f"(run it in this folder), then ollama run {Path(gguf_name).stem}",
              f"FROM ./{gguf_name}", f'TEMPLATE """{body}"""']
@@ -138,16 +138,16 @@ def smoke_test(path: Path) -> None:
             raise StageError(f"{path}: llama.cpp produced non-finite logits")
 
 
-def run(qtype: str, prompt: PromptParams, src: Path, out: Path, modelfile_out: Path) -> dict:
-    from alpaca_lora_cpu.gguf_files import bits_per_weight, check_gguf, field_value, tensor_infos, type_counts
+def run(qtype: str, prompt: PromptParams, src: Path, out: Path, modelfile_out: Path,
+        extra_stops: tuple[str, ...] = ()) -> dict:
+    from alpaca_lora_cpu.gguf_files import bits_per_weight, check_gguf, eos_text, tensor_infos, type_counts
 
     ftype = check_type(qtype)
     reader = check_gguf(src)
     ensure_writable(out)
     ensure_writable(modelfile_out)
-    eos_id = field_value(reader, "tokenizer.ggml.eos_token_id")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    stops = [bytes(tokens.parts[tokens.data[eos_id]]).decode()] if tokens is not None and eos_id is not None else []
+    eos = eos_text(reader)
+    stops = [eos] if eos else []
     with atomic_path(out) as tmp:
         seconds, lines = quantize_file(src, tmp, ftype)
         infos = tensor_infos(tmp)
@@ -158,7 +158,7 @@ def run(qtype: str, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
             "quantize_seconds": seconds, "source_bytes": src.stat().st_size, "tensors": len(infos),
             "tensor_types": type_counts(infos), "other_type": other_types(infos, qtype, lines),
         }
-        write_text(modelfile_out, modelfile(out.name, prompt.template, stops))
+        write_text(modelfile_out, modelfile(out.name, prompt.template, stops, extra_stops))
     return metrics
 
 
@@ -166,14 +166,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "src", "out", "modelfile", "metrics")
     ap.add_argument("--type", required=True, help="quantization level, e.g. q4_k_m")
     args = parse_args(ap, argv)
-    prompt = load_params(args.params).prompt
+    params = load_params(args.params)
+    prompt = params.prompt
     check_type(args.type)
     ensure_writable(args.metrics)
     from alpaca_lora_cpu.tracking import log_metrics, stage_run
 
-    with stage_run("quantize", {"quantize": {"type": args.type}, "prompt": as_dict(prompt)},
+    with stage_run("quantize", {"quantize": {"type": args.type}, "prompt": as_dict(prompt),
+                                "generate": {"stop": list(params.generate.stop)}},
                    run_name=f"quantize@{args.type}") as mlflow:
-        metrics = run(args.type, prompt, args.src, args.out, args.modelfile)
+        metrics = run(args.type, prompt, args.src, args.out, args.modelfile, params.generate.stop)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "other_type"})
     log.info("%s: %.1f MiB, %.2f bits/weight, %.1f s → %s", args.type, metrics["file_mib"],

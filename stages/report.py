@@ -33,8 +33,10 @@ COLUMNS = [  # (csv key, table header, format)
     ("variant", "variant", "{}"), ("size_mb", "size MB", "{:.1f}"), ("bits_per_weight", "bits/w", "{:.2f}"),
     ("ppl", "PPL", "{:.3f}"), ("delta_ppl", "ΔPPL vs finetuned", "{:+.3f}"), ("kld_mean", "KLD mean", "{:.4g}"),
     ("kld_p99", "KLD p99", "{:.4g}"), ("top1_pct", "top-1 %", "{:.2f}"), ("rms_dp_pct", "RMS Δp %", "{:.2f}"),
-    ("rouge_l", "ROUGE-L", "{:.3f}"), ("eos_pct", "EOS-stop %", "{:.0f}"), ("prompt_tps", "prompt tok/s", "{:.0f}"),
-    ("gen_tps", "gen tok/s", "{:.1f}"), ("load_s", "load s", "{:.2f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("rouge_l", "ROUGE-L", "{:.3f}"), ("eos_pct", "EOS-stop %", "{:.0f}"), ("leak_pct", "leak %", "{:.0f}"),
+    ("repeat_pct", "repeats %", "{:.0f}"), ("answer_tokens", "answer tokens", "{:.0f}"),
+    ("prompt_tps", "prompt tok/s", "{:.0f}"), ("gen_tps", "gen tok/s", "{:.1f}"), ("load_s", "load s", "{:.2f}"),
+    ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
 ]
 
 
@@ -70,7 +72,9 @@ def table_rows(inputs: Inputs) -> list[dict]:
             "delta_ppl": m["ppl"] - f16_ppl, "kld_mean": m["kld_mean"], "kld_p99": m["kld_p99"],
             "top1_pct": 100 * m["top1_agreement"], "rms_dp_pct": 100 * m["rms_delta_p"],
             "rouge_l": m["rouge_l_f1"] if m["rouge_l_f1"] is not None else float("nan"),
-            "eos_pct": 100 * m["eos_stop_share"], "prompt_tps": s["prompt_tps"], "gen_tps": s["gen_tps"],
+            "eos_pct": 100 * m["eos_stop_rate"], "leak_pct": 100 * m["template_leak_rate"],
+            "repeat_pct": 100 * m["repetition_rate"], "answer_tokens": m["mean_answer_tokens"],
+            "prompt_tps": s["prompt_tps"], "gen_tps": s["gen_tps"],
             "load_s": s["load_s"], "peak_rss_mb": s["peak_rss_mb"],
         })
     return rows
@@ -83,17 +87,28 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
+def base_targets(v: dict[str, dict], goal: ReportParams) -> list[dict]:
+    """Fine-tuned against base on the val split: response PPL, template leaks and repetition (raw answers)."""
+    if BASE_VARIANT not in v:
+        return [{"target": "fine-tuned vs base (PPL, leaks, repetition)", "met": None,
+                 "numbers": "base not evaluated"}]
+    base, ft = v[BASE_VARIANT], v[REFERENCE_VARIANT]
+    ratio = ft["ppl"] / base["ppl"]
+    out = [{"target": f"fine-tuned response PPL ≤ {goal.ppl_ratio_max:g} × the base model's",
+            "met": ratio <= goal.ppl_ratio_max,
+            "numbers": f"finetuned {ft['ppl']:.3f} vs base {base['ppl']:.3f} = {ratio:.3f}×"}]
+    for key, what in (("template_leak_rate", "answers that write an Alpaca header"),
+                      ("repetition_rate", "answers that repeat a 4-gram 3+ times")):
+        out.append({"target": f"fine-tuned {what}: no more than the base model's", "met": ft[key] <= base[key],
+                    "numbers": f"finetuned {100 * ft[key]:.0f}% vs base {100 * base[key]:.0f}%"})
+    return out
+
+
 def targets(inputs: Inputs, goal: ReportParams) -> list[dict]:
     """Each target of the project (params.yaml `report`): met / missed / not measured, with the numbers."""
     v, hf = inputs.variants, inputs.reference["hf_fp32"]
     out = []
-    if BASE_VARIANT in v:
-        base, ft = v[BASE_VARIANT]["ppl"], v[REFERENCE_VARIANT]["ppl"]
-        out.append({"target": "fine-tuned response PPL below the base model's", "met": ft < base,
-                    "numbers": f"finetuned {ft:.3f} vs base {base:.3f}"})
-    else:
-        out.append({"target": "fine-tuned response PPL below the base model's", "met": None,
-                    "numbers": "base not evaluated"})
+    out += base_targets(v, goal)
     if "q8_0" in v:
         kld, top1 = v["q8_0"]["kld_mean"], v["q8_0"]["top1_agreement"]
         out.append({"target": f"q8_0 mean KLD ≤ {goal.q8_max_kld}", "met": kld <= goal.q8_max_kld,
@@ -286,7 +301,10 @@ def render(inputs: Inputs, rows: list[dict], goals: list[dict], env: dict, figur
         "Reading it: ΔPPL and KLD measure how far a variant's next-token distributions move from finetuned "
         "(0 for finetuned itself); top-1 % is how often it picks the same most likely token; RMS Δp is the "
         "typical change in the correct token's probability. base is a different model, so its KLD is what "
-        "fine-tuning changed, not quantization error.", "",
+        "fine-tuning changed, not quantization error. EOS-stop, leak and repeats are shares of the greedy answers "
+        "before any stop sequence cuts them: ended with EOS within the limit, wrote an Alpaca header (ran on into "
+        "a new turn), repeated a 4-gram 3 or more times; answer tokens is their mean length. The answers shown "
+        "below are cut at the stop sequences, as `make generate` prints them.", "",
         "## Plots", "",
         f"![quality against size]({figures['quality']})", "",
         f"![generation speed against size]({figures['speed']})", "",

@@ -107,10 +107,12 @@ def test_reference_metrics_of_each_variant(evaluated):
     for m in (f16, q8, q4):
         assert m["run_id"] == ref["run_id"] and m["positions"] == ref["positions"]
         assert m["speed"]["threads"] == 2 and len(m["speed"]["gen_tps_runs"]) == 3 and m["speed"]["peak_rss_mb"] > 0
-        assert 0 <= m["eos_stop_share"] <= 1 and 0 <= m["rouge_l_f1"] <= 1 and m["generated_prompts"] == 4
+        assert 0 <= m["eos_stop_rate"] <= 1 and 0 <= m["template_leak_rate"] <= 1 and 0 <= m["repetition_rate"] <= 1
+        assert m["mean_answer_tokens"] > 0 and 0 <= m["rouge_l_f1"] <= 1 and m["generated_prompts"] == 4
     rows = [json.loads(x) for x in (evaluated / "reports/evaluate/q4_0.generations.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["val", "val", "showcase", "showcase"]
     assert all(r["tokens"] <= 6 for r in rows)
+    assert all(r["raw"].startswith(r["text"]) for r in rows)  # the answer is the raw generation, cut at a stop
 
 
 @pytest.mark.slow
@@ -119,14 +121,15 @@ def test_report_table_targets_plots(evaluated):
     for variant in VARIANTS:
         assert f"| {variant} |" in text
     assert "Building a website can be done in 10 simple steps:" in text
-    assert text.count("**met**") + text.count("**missed**") == 4  # PPL, q8_0 KLD, q8_0 top-1, q4_0 speed
+    # PPL ratio, leaks, repetition (vs base), q8_0 KLD, q8_0 top-1, q4_0 speed
+    assert text.count("**met**") + text.count("**missed**") == 6
     assert "| finetuned | q4_0 |" in text  # the quantization comparison, without the q2_k not evaluated
     for png in ("quality_vs_size.png", "speed_vs_size.png", "training_loss.png"):
         assert (evaluated / "reports/figures" / png).stat().st_size > 5000
     table = (evaluated / "reports/plots/evaluate.csv").read_text().splitlines()
     assert table[0].startswith("variant,size_mb,") and len(table) == 1 + len(VARIANTS)
     summary = json.loads((evaluated / "reports/metrics/report.json").read_text())
-    assert summary["variants"] == 4 and summary["targets_met"] + summary["targets_missed"] == 4
+    assert summary["variants"] == 4 and summary["targets_met"] + summary["targets_missed"] == 6
 
 
 @pytest.mark.slow

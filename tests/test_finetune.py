@@ -18,7 +18,7 @@ TINY = {
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
     "epochs": 1, "learning_rate": 5.0e-3, "batch_size": 4, "micro_batch_size": 2, "cutoff_len": 96,
     "warmup_steps": 0, "train_on_inputs": False, "group_by_length": True, "packing": True, "precision": "fp32",
-    "quantization": "none", "eval_steps": 2, "save_steps": 2, "seed": 0, "max_steps": 4,
+    "bf16_min_speedup": 1.3, "quantization": "none", "eval_steps": 2, "save_steps": 2, "seed": 0, "max_steps": 4,
 }
 
 

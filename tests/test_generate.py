@@ -107,3 +107,35 @@ def test_serve_on_a_busy_port_fails_before_loading_the_model(tiny_gguf):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot listen on 127.0.0.1:{port}"), lines
     assert "PORT=" in lines[0] and "serving" not in proc.stdout
+
+
+def test_serve_adds_the_project_stops_to_requests_that_name_none():
+    """The middleware in front of llama-cpp-python's server, with a stand-in app that records what it got."""
+    import asyncio
+    import json
+
+    from tools.serve import DefaultStops
+
+    seen = []
+
+    async def app(scope, receive, send):
+        message = await receive()
+        seen.append((scope["path"], dict(scope["headers"]).get(b"content-length"), message["body"]))
+
+    async def call(path: str, body: dict) -> dict:
+        raw = json.dumps(body).encode()
+        chunks = [{"type": "http.request", "body": raw[:5], "more_body": True},
+                  {"type": "http.request", "body": raw[5:], "more_body": False}]
+
+        async def receive():
+            return chunks.pop(0)
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-length", b"0")]}
+        await DefaultStops(app, ["### Instruction:", "<|im_end|>"])(scope, receive, None)
+        path_seen, length, got = seen[-1]
+        assert int(length) == len(got)
+        return json.loads(got)
+
+    assert asyncio.run(call("/v1/completions", {"prompt": "Hi"}))["stop"] == ["### Instruction:", "<|im_end|>"]
+    assert asyncio.run(call("/v1/chat/completions", {"messages": []}))["stop"] == ["### Instruction:", "<|im_end|>"]
+    assert asyncio.run(call("/v1/completions", {"prompt": "Hi", "stop": ["\n"]}))["stop"] == ["\n"]  # client's own

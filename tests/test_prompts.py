@@ -36,3 +36,20 @@ def test_chat_template_uses_tokenizer(builtin_tokenizer_dir):
 def test_chat_without_template_fails():
     with pytest.raises(ValueError, match="chat template"):
         render("chat", "x", "", None)
+
+
+def test_stop_sequences_cut_and_leaks():
+    from alpaca_lora_cpu.metrics import repeats_ngram
+    from alpaca_lora_cpu.prompts import cut_at_stop, leaks_template, stop_sequences
+
+    alpaca = stop_sequences("alpaca", ("END",), end_token="<|im_end|>")
+    assert alpaca == ["### Instruction:", "### Input:", "### Response:", "END"]
+    assert stop_sequences("chat", ("END", "END"), end_token="<|im_end|>") == ["<|im_end|>", "END"]
+    assert stop_sequences("raw", ("END",)) == ["END"]
+    raw = "Ottawa.\n\n### Instruction:\nName a city.\n\n### Response:\nParis."
+    assert cut_at_stop(raw, alpaca) == "Ottawa.\n\n" and cut_at_stop("no stop here", alpaca) == "no stop here"
+    assert cut_at_stop("a END b ### Input:", alpaca) == "a "
+    assert leaks_template(raw) and not leaks_template("Ottawa is the capital.")
+    assert repeats_ngram("Canada, Canada, Canada, Canada, Canada, Canada")
+    assert repeats_ngram("a b c d x a b c d y a b c d")
+    assert not repeats_ngram("a b c d x a b c d y") and not repeats_ngram("one two three")

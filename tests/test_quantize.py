@@ -46,8 +46,10 @@ def test_modelfile_has_template_and_stops(tmp_path, tiny_gguf):
     text = (tmp_path / "finetuned-q8_0.Modelfile").read_text()
     assert "FROM ./finetuned-q8_0.gguf" in text and "{{ .Prompt }}" in text and "### Response:" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "### Instruction:"' in text
-    chat = modelfile("m.gguf", "chat", ["<|im_end|>"])
+    assert 'PARAMETER stop "### Input:"' in text and 'PARAMETER stop "### Response:"' in text
+    chat = modelfile("m.gguf", "chat", ["<|im_end|>"], ("END",))
     assert "{{ .Content }}" in chat and chat.count('PARAMETER stop "<|im_end|>"') == 1
+    assert 'PARAMETER stop "END"' in chat and "### Instruction:" not in chat
 
 
 def test_unknown_type_cli_is_one_line_and_writes_nothing(tmp_path, tiny_gguf):

@@ -37,6 +37,7 @@ from alpaca_lora_cpu.files import read_jsonl, replace_section, write_json
 from alpaca_lora_cpu.packing import real_tokens
 from alpaca_lora_cpu.tracking import DOC_TITLE, machine_stamp
 from alpaca_lora_cpu.training import (
+    choose_precision,
     encode_all,
     evaluate_responses,
     load_model,
@@ -62,9 +63,11 @@ class Setup:
 REFERENCE = Setup("reference (alpaca-lora loop)", False, True, False, "eager", "fp32", 8)
 
 
-def stage_setup(p: FinetuneParams) -> Setup:
-    return Setup("stage defaults", p.group_by_length, p.train_on_inputs, True, "sdpa", p.precision, None,
-                 p.packing)
+def stage_setup(p: FinetuneParams, auto: str) -> Setup:
+    """The stage's params; `precision: auto` resolved to `auto`, what the stage's probe chose on this machine."""
+    precision = auto if p.precision == "auto" else p.precision
+    name = f"stage defaults (precision auto → {auto})" if p.precision == "auto" else "stage defaults"
+    return Setup(name, p.group_by_length, p.train_on_inputs, True, "sdpa", precision, None, p.packing)
 
 
 LEVERS = [
@@ -143,8 +146,8 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def profile_stage(params: FinetuneParams, base: Path, tokenizer, prompt: str, train: list, val_set: list,
-                  samples: int) -> None:
+def profile_stage(setup: Setup, params: FinetuneParams, base: Path, tokenizer, prompt: str, train: list,
+                  val_set: list, samples: int) -> None:
     """torch.profiler over a stage-defaults run: the top operators, and the matmuls' speed.
 
     Counting FLOPs records every op's shapes, which inflates the small ops' times, so the shares come from a
@@ -154,7 +157,7 @@ def profile_stage(params: FinetuneParams, base: Path, tokenizer, prompt: str, tr
 
     def ops(with_flops: bool):
         with profile(activities=[ProfilerActivity.CPU], with_flops=with_flops) as prof:
-            train_once(stage_setup(params), params, base, tokenizer, prompt, train[:samples], val_set, samples,
+            train_once(setup, params, base, tokenizer, prompt, train[:samples], val_set, samples,
                        False)
         return {op.key: op for op in prof.key_averages()}
 
@@ -180,21 +183,21 @@ def records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return chosen[: args.samples], chosen[args.samples:]
 
 
-def doc_section(args: argparse.Namespace, results: list[dict], header: str) -> str:
+def doc_section(args: argparse.Namespace, results: list[dict], main_rows: int, header: str) -> str:
     """The Markdown docs/benchmarks.md gets: the stamp, the exact command, the side-by-side table, the levers."""
-    ref, stage = results[0], results[1]
+    ref = results[0]
     command = " ".join(["python -m tools.bench_finetune", *args.argv])
     lines = [f"## bench-finetune: {machine_stamp()}", "", f"`{command}`", "", header, "",
              "| run | samples | non-pad tokens/s | × reference | eval loss |", "| --- | ---: | ---: | ---: | ---: |"]
-    for r in (ref, stage):
+    for r in results[:main_rows]:
         lines.append(f"| {r['setup']} | {r['samples']} | {r['tokens_per_s']:.1f} | "
                      f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f} | {r['eval_loss']:.4f} |")
-    if len(results) > 2:
-        lever_ref = results[2]
+    if len(results) > main_rows:
+        lever_ref = results[main_rows]
         lines += ["", f"Each lever alone over the reference ({lever_ref['samples']} samples each):", "",
                   "| lever | tokens/s | × reference |", "| --- | ---: | ---: |"]
         lines += [f"| {r['setup']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / lever_ref['tokens_per_s']:.2f} |"
-                  for r in results[2:]]
+                  for r in results[main_rows:]]
     return "\n".join(lines)
 
 
@@ -226,14 +229,20 @@ def main(argv: list[str] | None = None) -> None:
               f"targets {params.lora.target_modules}, "
               f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
               f"fp32 matmul peak {matmul_peak():.0f} GFLOP/s (2048³ torch.mm)")
+    auto, probe = choose_precision("auto", params.bf16_min_speedup)
+    header += (f"; precision auto → {auto}" + (f" (bf16 matmul {probe['precision_probe_bf16_speedup']:.2f}× fp32, "
+               f"threshold {params.bf16_min_speedup}×)" if "precision_probe_bf16_speedup" in probe else ""))
     print(header, flush=True)
+    setups = [REFERENCE, stage_setup(params, auto)]
+    if setups[1].precision != auto:  # the stage's own precision is fixed: also show what auto would give
+        setups.append(dataclasses.replace(setups[1], name=f"stage defaults, precision auto → {auto}", precision=auto))
     results = []
-    for setup in (REFERENCE, stage_setup(params)):
+    for setup in setups:
         r = train_once(setup, params, args.base, tokenizer, prompt, train, val_set, args.samples, evaluate=True)
         results.append(r)
         print(f"  {r['setup']:<32} {r['tokens_per_s']:8.1f} non-pad tokens/s  ({r['tokens']} tokens in "
               f"{r['seconds']:.0f} s)  eval loss {r['eval_loss']:.4f}", flush=True)
-    ref, stage = results
+    ref, stage = results[0], results[1]
     print(f"ratio stage/reference: {stage['tokens_per_s'] / ref['tokens_per_s']:.2f}x  "
           f"(target >= 2.0); eval loss {stage['eval_loss']:.4f} vs {ref['eval_loss']:.4f} "
           f"({'no worse' if stage['eval_loss'] <= ref['eval_loss'] else 'WORSE'})", flush=True)
@@ -249,12 +258,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {lever.name:<32} {r['tokens_per_s']:8.1f} tokens/s  "
                   f"({r['tokens_per_s'] / base_r['tokens_per_s']:.2f}x)", flush=True)
     if args.profile:
-        profile_stage(params, args.base, tokenizer, prompt, train, val_set, args.lever_samples)
+        profile_stage(setups[1], params, args.base, tokenizer, prompt, train, val_set, args.lever_samples)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if args.json:
         write_json(args.json, results)
     if args.doc:
-        replace_section(args.doc, "bench-finetune", doc_section(args, results, header), title=DOC_TITLE)
+        replace_section(args.doc, "bench-finetune", doc_section(args, results, len(setups), header),
+                        title=DOC_TITLE)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ from typing import Any
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import GenerateParams, load_params
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.prompts import render
-
-STOPS = ["### Instruction:", "### Input:"]
+from alpaca_lora_cpu.prompts import render, stop_sequences
 
 
 def check_model(path: Path) -> None:
@@ -42,18 +40,27 @@ def completion_text(prompt: str, template: str, raw: bool) -> str:
     return render("alpaca", prompt)
 
 
-def stream(llm: Any, text: str, n: int, g: GenerateParams) -> Iterator[str]:
-    """Completion pieces as llama.cpp produces them (stops at EOS or an Alpaca section header)."""
+def stops_for(llm: Any, template: str, raw: bool, g: GenerateParams) -> list[str]:
+    """The project's stop sequences (prompts.stop_sequences); raw text completion keeps only generate.stop."""
+    from alpaca_lora_cpu.llama import eos_text
+
+    return stop_sequences("raw" if raw else template, g.stop, end_token=None if raw else eos_text(llm))
+
+
+def stream(llm: Any, text: str, n: int, g: GenerateParams, stops: list[str]) -> Iterator[str]:
+    """Completion pieces as llama.cpp produces them (ends at EOS or a stop sequence)."""
     for chunk in llm.create_completion(text, max_tokens=n, temperature=g.temperature, top_p=g.top_p,
-                                       repeat_penalty=g.repeat_penalty, seed=g.seed, stop=STOPS, stream=True):
+                                       repeat_penalty=g.repeat_penalty, seed=g.seed, stop=stops or None,
+                                       stream=True):
         yield chunk["choices"][0]["text"]
 
 
-def stream_chat(llm: Any, message: str, n: int, g: GenerateParams) -> Iterator[str]:
+def stream_chat(llm: Any, message: str, n: int, g: GenerateParams, stops: list[str]) -> Iterator[str]:
     """`prompt.template: chat`: the GGUF's own chat template renders the turn."""
     for chunk in llm.create_chat_completion([{"role": "user", "content": message}], max_tokens=n,
                                             temperature=g.temperature, top_p=g.top_p,
-                                            repeat_penalty=g.repeat_penalty, seed=g.seed, stream=True):
+                                            repeat_penalty=g.repeat_penalty, seed=g.seed, stop=stops or None,
+                                            stream=True):
         yield chunk["choices"][0]["delta"].get("content", "") or ""
 
 
@@ -72,13 +79,14 @@ def fit_new_tokens(n_prompt: int, n: int, n_ctx: int) -> int:
 
 def respond(llm: Any, prompt: str, n: int, g: GenerateParams, template: str, raw: bool) -> Iterator[str]:
     """The answer's pieces; a prompt too long for the context is a `StageError` before anything streams."""
+    stops = stops_for(llm, template, raw, g)
     if template == "chat" and not raw:
-        return _context_errors(stream_chat(llm, prompt, n, g), llm.n_ctx())
+        return _context_errors(stream_chat(llm, prompt, n, g, stops), llm.n_ctx())
     from alpaca_lora_cpu.llama import tokenize
 
     text = completion_text(prompt, template, raw)
     n_prompt = len(tokenize(llm, text))
-    return stream(llm, text, fit_new_tokens(n_prompt, n, llm.n_ctx()), g)
+    return stream(llm, text, fit_new_tokens(n_prompt, n, llm.n_ctx()), g, stops)
 
 
 def _context_errors(pieces: Iterator[str], n_ctx: int) -> Iterator[str]:

@@ -98,7 +98,8 @@ class FinetuneParams:
     train_on_inputs: bool
     group_by_length: bool
     packing: bool
-    precision: Literal["fp32", "bf16", "fp16"]
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    bf16_min_speedup: float  # precision auto on CPU: bf16 only when its measured matmul speed-up reaches this
     quantization: Literal["none", "8bit", "4bit"]
     eval_steps: int
     save_steps: int
@@ -115,6 +116,7 @@ class FinetuneParams:
              f"({self.micro_batch_size})"),
             (self.cutoff_len >= MIN_CUTOFF, f"finetune.cutoff_len must be >= {MIN_CUTOFF}, got {self.cutoff_len}"),
             (self.warmup_steps >= 0, f"finetune.warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.bf16_min_speedup > 0, f"finetune.bf16_min_speedup must be > 0, got {self.bf16_min_speedup}"),
             (self.eval_steps > 0, f"finetune.eval_steps must be > 0, got {self.eval_steps}"),
             (self.save_steps > 0, f"finetune.save_steps must be > 0, got {self.save_steps}"),
             (self.max_steps is None or self.max_steps > 0,
@@ -172,6 +174,7 @@ class GenerateParams:
     top_p: float
     repeat_penalty: float
     seed: int
+    stop: tuple[str, ...]  # extra stop sequences, after the template's own (prompts.stop_sequences)
 
     def __post_init__(self) -> None:
         if self.n_ctx < 64:
@@ -239,6 +242,7 @@ class ReportParams:
     q8_max_kld: float          # q8_0 mean KLD against the reference must not exceed this
     q8_min_top1: float         # q8_0 top-1 agreement with the reference must reach this share
     q4_min_speedup: float      # q4_0 generation tok/s over transformers fp32 must reach this ratio
+    ppl_ratio_max: float       # fine-tuned response PPL must be at most this × the base model's
 
     def __post_init__(self) -> None:
         if self.q8_max_kld <= 0:
@@ -247,6 +251,8 @@ class ReportParams:
             raise ValueError(f"report.q8_min_top1 must be in (0, 1], got {self.q8_min_top1}")
         if self.q4_min_speedup <= 0:
             raise ValueError(f"report.q4_min_speedup must be > 0, got {self.q4_min_speedup}")
+        if self.ppl_ratio_max <= 0:
+            raise ValueError(f"report.ppl_ratio_max must be > 0, got {self.ppl_ratio_max}")
 
 
 # ---------------------------------------------------------------- the whole file

@@ -61,6 +61,13 @@ def field_value(reader: Any, key: str) -> Any:
     return bytes(part).decode() if field.types and field.types[0].name == "STRING" else part.tolist()[0]
 
 
+def eos_text(reader: Any) -> str | None:
+    """The EOS token's text from the GGUF's vocabulary (e.g. `<|im_end|>`), or None when the file has none."""
+    eos_id = field_value(reader, "tokenizer.ggml.eos_token_id")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    return bytes(tokens.parts[tokens.data[eos_id]]).decode() if tokens is not None and eos_id is not None else None
+
+
 def tensor_infos(reader_or_path: Any) -> list[TensorInfo]:
     reader = check_gguf(reader_or_path) if isinstance(reader_or_path, (str, os.PathLike)) else reader_or_path
     return [TensorInfo(t.name, t.tensor_type.name, tuple(int(x) for x in t.shape), int(t.n_elements),

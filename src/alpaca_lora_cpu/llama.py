@@ -103,6 +103,11 @@ def response_log_probs(llm: Any, ids: list[int], n_prompt: int) -> np.ndarray:
     return log_probs(all_logits(llm, ids)[n_prompt - 1:len(ids) - 1])
 
 
+def eos_text(llm: Any) -> str:
+    """The EOS token as text (e.g. SmolLM2's `<|im_end|>`): the chat template's end-of-turn stop sequence."""
+    return llm.detokenize([llm.token_eos()], special=True).decode("utf-8", errors="replace")
+
+
 def n_params(llm: Any) -> int:
     return int(llm._model.n_params())
 

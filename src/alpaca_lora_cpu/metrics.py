@@ -130,3 +130,14 @@ def speed_runs(pp: Callable[[], float], tg: Callable[[], float], runs: int) -> d
     tg_runs = [tg() for _ in range(runs)]
     return {"prompt_tps": statistics.median(pp_runs), "gen_tps": statistics.median(tg_runs),
             "prompt_tps_runs": pp_runs, "gen_tps_runs": tg_runs}
+
+
+def repeats_ngram(text: str, n: int = 4, times: int = 3) -> bool:
+    """Some word n-gram occurs `times` times or more: the looping ("Canada, Canada, Canada, …") that greedy
+    decoding of an under-trained model falls into."""
+    import re
+    from collections import Counter
+
+    words = re.findall(r"\w+", text.lower())  # punctuation and case do not make a loop new
+    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return any(c >= times for c in counts.values())

@@ -39,3 +39,25 @@ def render(template: str, instruction: str, input: str = "", tokenizer: Any = No
 
 def render_record(template: str, record: dict, tokenizer: Any = None) -> str:
     return render(template, record["instruction"], record.get("input") or "", tokenizer)
+
+
+# A model that writes one of these has started a new Alpaca turn of its own: the answer ended before it.
+ALPACA_HEADERS = ("### Instruction:", "### Input:", "### Response:")
+
+
+def stop_sequences(template: str, extra: tuple[str, ...] | list[str] = (), end_token: str | None = None) -> list[str]:
+    """Where an answer ends besides EOS: the Alpaca headers, or for `chat` the template's end-of-turn token;
+    then `generate.stop` from params.yaml. Used by generate, chat, serve, the evaluation and the Modelfile."""
+    base = list(ALPACA_HEADERS) if template == "alpaca" else [end_token] if end_token else []
+    return list(dict.fromkeys([*base, *extra]))
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """`text` up to the first stop sequence, as a generator with these stops would have returned it."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def leaks_template(text: str) -> bool:
+    """The answer writes an Alpaca header, i.e. runs on into a turn nobody asked for."""
+    return any(h in text for h in ALPACA_HEADERS)

@@ -276,3 +276,47 @@ def training_args(params: FinetuneParams, ckpt_dir: Path):
         ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
         disable_tqdm=False,
     )
+
+
+def matmul_gflops(dtype_name: str, rows: int = 1024, inner: int = 576, cols: int = 1536, repeats: int = 5) -> float:
+    """GFLOP/s of a training-shaped matmul (tokens × hidden @ hidden × MLP width, SmolLM2-135M's shapes) in one
+    dtype: the best of `repeats` after a warm-up, so a busy core costs a run, not the answer."""
+    import time
+
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, cols, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * inner * cols / best / 1e9
+
+
+def choose_precision(requested: str, min_speedup: float, cuda: bool | None = None,
+                     bf16_on_cuda: bool | None = None, probe=matmul_gflops, processes: int | None = None,
+                     ) -> tuple[str, dict]:
+    """(precision to train in, what the choice rests on). `auto` on CUDA: bf16 where the GPU supports it, else
+    fp16. On CPU, bf16 is native on some CPUs (AMX, avx512_bf16) and emulated, tens of times slower, on others,
+    so `auto` measures instead of guessing: bf16 autocast only if its matmul is at least `min_speedup` × fp32."""
+    if requested != "auto":
+        return requested, {}
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda:
+        supported = torch.cuda.is_bf16_supported() if bf16_on_cuda is None else bf16_on_cuda
+        return ("bf16" if supported else "fp16"), {"precision_probe_cuda": 1}
+    if (processes or world()[1]) > 1:
+        # Each process would time its own probe and could decide differently; they must train alike.
+        log.info("precision auto with several CPU processes: fp32 (set finetune.precision to choose bf16)")
+        return "fp32", {"precision_probe_cuda": 0}
+    fp32, bf16 = probe("fp32"), probe("bf16")
+    chosen = "bf16" if bf16 >= min_speedup * fp32 else "fp32"
+    log.info("precision auto: bf16 matmul %.0f GFLOP/s vs fp32 %.0f (%.2fx, threshold %.2fx) → %s",
+             bf16, fp32, bf16 / fp32, min_speedup, chosen)
+    return chosen, {"precision_probe_cuda": 0, "precision_probe_fp32_gflops": fp32,
+                    "precision_probe_bf16_gflops": bf16, "precision_probe_bf16_speedup": bf16 / fp32}
