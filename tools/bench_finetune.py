@@ -126,7 +126,9 @@ def train_once(setup: Setup, params: FinetuneParams, base: Path, tokenizer, prom
               "tokens_per_s": trainer.train_tokens / seconds, "samples": trainer.state.global_step * p.batch_size,
               "threads": torch.get_num_threads()}
     if evaluate:
-        result.update(evaluate_responses(model, val_set, make_collator(tokenizer), p.micro_batch_size))
+        # fp32 eval whatever the training precision (accelerate leaves forward under autocast otherwise)
+        fp32_model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        result.update(evaluate_responses(fp32_model, val_set, make_collator(tokenizer), p.micro_batch_size))
     return result
 
 
