@@ -189,7 +189,7 @@ def doc_section(args: argparse.Namespace, results: list[dict], main_rows: int, h
     """The Markdown docs/benchmarks.md gets: the stamp, the exact command, the side-by-side table, the levers."""
     ref = results[0]
     command = " ".join(["python -m tools.bench_finetune", *args.argv])
-    lines = [f"## bench-finetune: {machine_stamp()}", "", f"`{command}`", "", header, "",
+    lines = [f"## bench-finetune: {machine_stamp(args.doc)}", "", f"`{command}`", "", header, "",
              "| run | samples | non-pad tokens/s | × reference | eval loss |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in results[:main_rows]:
         lines.append(f"| {r['setup']} | {r['samples']} | {r['tokens_per_s']:.1f} | "

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in rows:
         print(f"{name:<34}{value}")
     if args.doc:
-        body = [f"## bench-infer {args.gguf.name}: {machine_stamp()}", "",
+        body = [f"## bench-infer {args.gguf.name}: {machine_stamp(args.doc)}", "",
                 f"`python -m tools.bench_infer --gguf {args.gguf}`", "", "| | |", "| --- | --- |",
                 *(f"| {name} | {value} |" for name, value in rows)]
         replace_section(args.doc, f"bench-infer {args.gguf.stem}", "\n".join(body), title=DOC_TITLE)
