@@ -67,7 +67,7 @@ def read_split(path: Path) -> list[dict]:
     return read_jsonl(path, "data split", "run the prepare stage first")
 
 
-def preflight(params: FinetuneParams, paths: Paths) -> tuple[list[dict], list[dict]]:
+def check_inputs(params: FinetuneParams, paths: Paths) -> tuple[list[dict], list[dict]]:
     """Everything that can be wrong with the input, checked before any weights load."""
     _, world_size = world()
     if params.batch_size % (params.micro_batch_size * world_size):
@@ -186,7 +186,7 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
         mlflow: Any = None) -> dict | None:
     """Train, save and check the adapter; metrics dict on rank 0, None on other ranks.
 
-    `splits` = preflight(params, paths), run by the caller before it opens tracking.
+    `splits` = check_inputs(params, paths), run by the caller before it opens tracking.
     """
     import torch
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_params(args.params)
     params, prompt = config.finetune, config.prompt
     paths = Paths(args.base, args.data, args.out, args.checkpoints, args.metrics, args.plots)
-    splits = preflight(params, paths)  # bad input stops here, before tracking and weights
+    splits = check_inputs(params, paths)  # bad input stops here, before tracking and weights
     if world()[0] != 0:  # only rank 0 tracks and writes; the other ranks just train
         run(params, prompt, paths, splits)
         return

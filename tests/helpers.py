@@ -122,3 +122,36 @@ def shrink_params(repo: Path, quants: list[str], overrides: dict | None = None) 
                                    if k in ("base", "finetuned", *quants)}
     _merge(doc, overrides or {})
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+# A finetune-stage run on the tiny model: a few seconds, every code path of the real stage.
+TINY = {
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    "epochs": 1, "learning_rate": 5.0e-3, "batch_size": 4, "micro_batch_size": 2, "cutoff_len": 96,
+    "warmup_steps": 0, "train_on_inputs": False, "group_by_length": True, "packing": True, "precision": "fp32",
+    "bf16_min_speedup": 1.3, "quantization": "none", "eval_steps": 2, "save_steps": 2, "seed": 0, "max_steps": 4,
+}
+
+
+def setup_run(tmp_path: Path, model_dir: Path, n_train: int = 16, n_val: int = 4, **overrides) -> tuple[Path, list]:
+    """params.yaml (the repo's, with TINY training) + data folder for a run on `model_dir`; (workdir, CLI args)."""
+    finetune = {**TINY, **overrides}
+    if "lora" in overrides:
+        finetune["lora"] = {**TINY["lora"], **overrides["lora"]}
+    # Every stage checks the whole file, so the other sections come along unchanged.
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc.update(finetune=finetune, prompt={"template": "alpaca"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    records = make_records(n_train + n_val)
+    for name, rows in (("train.jsonl", records[:n_train]), ("val.jsonl", records[n_train:])):
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--params", str(tmp_path / "params.yaml"), "--base", str(model_dir), "--data", str(data),
+            "--out", str(tmp_path / "adapter"), "--checkpoints", str(tmp_path / "ckpt"),
+            "--metrics", str(tmp_path / "finetune.json"), "--plots", str(tmp_path / "plots")]
+    return tmp_path, args
+
+
+def finetune(cwd: Path, args: list, env: dict | None = None):
+    return run_module("stages.finetune", *args, cwd=cwd, env={"PYTHONPATH": str(ROOT), **(env or {})})

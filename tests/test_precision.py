@@ -55,7 +55,7 @@ def test_finetune_stage_records_the_auto_choice(tmp_path, tiny_model_dir, thresh
     import json
 
     import mlflow
-    from test_finetune import finetune, setup_run
+    from helpers import finetune, setup_run
 
     cwd, args = setup_run(tmp_path, tiny_model_dir, precision="auto", bf16_min_speedup=threshold, max_steps=2)
     proc = finetune(cwd, args)

@@ -252,37 +252,24 @@ def run_probe(workdir: Path) -> dict:
 
 
 def probe() -> ProbeResult:
-    """Run the probe in a child process so a fault kills it, not setup."""
-    from alpaca_lora_cpu.native import signal_name
+    """Run the probe in a child process (native.call_in_child) so a fault kills it, not setup."""
+    from alpaca_lora_cpu.native import NativeCrash, call_in_child, signal_name
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([sys.executable, "-m", "tools.llama_build", "--probe-in", tmp],
-                              capture_output=True, text=True)
-    if proc.returncode < 0:
-        return ProbeResult(False, signal_name(-proc.returncode), proc.stderr.strip()[-300:])
-    if proc.returncode != 0:
-        return ProbeResult(False, None, (proc.stderr.strip().splitlines() or ["no output"])[-1])
-    return ProbeResult(True, None, proc.stdout.strip().splitlines()[-1])
+        try:
+            info = call_in_child(run_probe, Path(tmp), action="probing the build")
+        except NativeCrash as crash:
+            return ProbeResult(False, signal_name(crash.signum), "")
+        except Exception as exc:  # an import error, a failed quantization: not an instruction-set problem
+            return ProbeResult(False, None, f"{type(exc).__name__}: {exc}")
+    return ProbeResult(True, None, json.dumps(info))
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cmake-args", default=os.environ.get("LLAMA_CMAKE_ARGS", "auto"),
                     help="auto (derive from this CPU, probe, fall back), safe, or explicit CMake args")
-    ap.add_argument("--probe-in", type=Path, help=argparse.SUPPRESS)  # the child side of `probe()`
     args = ap.parse_args(argv)
-    if args.probe_in:
-        import resource
-
-        from alpaca_lora_cpu.native import FAULT_ENV
-
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a fault is reported by the parent, no core file
-        if os.environ.get(FAULT_ENV):  # failure injection, as in every llama.cpp child (src/alpaca_lora_cpu/native.py)
-            import signal
-
-            signal.raise_signal(signal.Signals[os.environ[FAULT_ENV]])
-        print(json.dumps(run_probe(args.probe_in)))
-        return
     flags = cpu_flags(Path("/proc/cpuinfo").read_text())
     version = pinned_version()
     cands = candidates(flags, args.cmake_args)

@@ -14,11 +14,11 @@ import socket
 from pathlib import Path
 
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
-from alpaca_lora_cpu.config import load_params
+from alpaca_lora_cpu.config import GenerateParams, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.gguf_files import check_gguf, eos_text
 from alpaca_lora_cpu.prompts import stop_sequences
-from tools.generate import GenerateParams, check_model
+from tools.generate import check_model
 
 
 def check_port(host: str, port: int) -> None:
