@@ -185,18 +185,20 @@ def test_tiny_run_writes_adapter_metrics_plots_and_mlflow(tmp_path, tiny_model_d
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_newest_complete_checkpoint(tmp_path, tiny_model_dir):
-    cwd, args = setup_run(tmp_path, tiny_model_dir, n_train=40, max_steps=10, eval_steps=100)
+    # Long enough (60 steps) that a fast machine cannot finish before the poll sees a checkpoint; on CI
+    # a 10-step run once ended, rotation included, between two polls.
+    cwd, args = setup_run(tmp_path, tiny_model_dir, n_train=40, max_steps=60, eval_steps=100)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "stages.finetune", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = tmp_path / "ckpt"
     deadline = time.time() + 300
     try:
-        while not (ckpt / "checkpoint-2/trainer_state.json").is_file():
+        while not list(ckpt.glob("checkpoint-*/trainer_state.json")):
             assert proc.poll() is None, "the run ended before its first checkpoint"
             assert time.time() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.2)
-        time.sleep(0.2)  # let checkpoint-2 finish; the kill may still land mid-way through a later one
+            time.sleep(0.05)
+        time.sleep(0.2)  # let that checkpoint finish; the kill may still land mid-way through a later one
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -204,15 +206,15 @@ def test_killed_run_resumes_from_newest_complete_checkpoint(tmp_path, tiny_model
     # A half-written newer checkpoint, as a power loss would leave: skipped with a warning. (Checkpoint
     # rotation may already have removed checkpoint-2: copy whichever complete one is there.)
     complete = [p for p in ckpt.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    partial = ckpt / "checkpoint-9"
+    partial = ckpt / "checkpoint-59"
     shutil.copytree(complete[0], partial)
-    (partial / "trainer_state.json").write_text('{"global_step": 9, "log_hi')
+    (partial / "trainer_state.json").write_text('{"global_step": 59, "log_hi')
 
     second = finetune(cwd, args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "skipping incomplete checkpoint" in second.stderr and "checkpoint-9" in second.stderr
+    assert "skipping incomplete checkpoint" in second.stderr and "checkpoint-59" in second.stderr
     m = json.loads((tmp_path / "finetune.json").read_text())
-    assert m["resumed_from_step"] >= 2 and m["resumed_from_step"] % 2 == 0 and m["steps"] == 10
+    assert m["resumed_from_step"] >= 2 and m["resumed_from_step"] % 2 == 0 and m["steps"] == 60
     assert f"resuming from {ckpt}/checkpoint-{m['resumed_from_step']}" in second.stderr
     assert_valid_adapter(tmp_path / "adapter", tiny_model_dir)
 
