@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 
-.PHONY: help setup repro test test-fast lint mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report
+.PHONY: help setup repro test test-fast lint mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report sweep
 
 # make generate / chat / serve / bench-infer: which GGUF (models/gguf/finetuned-$(QUANT).gguf; QUANT=reference is the unquantized reference)
 QUANT ?= q4_0
@@ -84,6 +84,10 @@ verify-failure: $(STAMP) ## Failure injection: kill -9 each heavy stage mid-way 
 bench-finetune: $(STAMP) ## The finetune stage vs alpaca-lora's loop, side by side, into docs/benchmarks.md (BENCH_SAMPLES=16; BENCH_SOURCE=alpaca.json samples that file)
 	dvc repro base prepare
 	python -m tools.bench_finetune --samples $(BENCH_SAMPLES) --levers --json reports/bench-finetune.json --doc docs/benchmarks.md $(if $(BENCH_SOURCE),--source $(BENCH_SOURCE))
+
+SWEEP_SOURCE ?= ../shared/data/alpaca_cleaned_head.json
+sweep: $(STAMP) ## The recipe study: configs/sweep.yaml as queued DVC experiments on SWEEP_SOURCE (real Alpaca data), table in docs/recipes.md
+	python -m tools.sweep --grid configs/sweep.yaml --source $(SWEEP_SOURCE) --doc docs/recipes.md
 
 generate: $(STAMP) ## Complete PROMPT with models/gguf/finetuned-$(QUANT).gguf, N tokens (Alpaca template unless RAW=1)
 	python -m tools.generate --model $(GGUF) -n $(N) --prompt "$$PROMPT" $(if $(RAW),--raw)

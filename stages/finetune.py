@@ -207,6 +207,11 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
     # compares across precisions (the wrapper would keep running forward under bf16/fp16 autocast).
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     evals = evaluate_responses(model, val_set, trainer.data_collator, params.micro_batch_size)
+    # The same responses under the bare base weights: the fine-tune's gain, measured on the same tokens.
+    with model.disable_adapter():
+        base = evaluate_responses(model, val_set, trainer.data_collator, params.micro_batch_size)
+    evals |= {"base_eval_loss": base["eval_loss"], "base_eval_perplexity": base["eval_perplexity"],
+              "eval_ppl_ratio": evals["eval_perplexity"] / base["eval_perplexity"]}
     if mlflow is not None:
         mlflow.log_metrics({"eval_loss_final": evals["eval_loss"]}, step=trainer.state.global_step)
     adapter, train_curve = save_outputs(trainer, paths)

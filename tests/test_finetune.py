@@ -163,6 +163,9 @@ def test_tiny_run_writes_adapter_metrics_plots_and_mlflow(tmp_path, tiny_model_d
     m = json.loads((tmp_path / "finetune.json").read_text())
     assert m["steps"] == 4 and m["train_samples"] == 16 and m["resumed_from_step"] == 0
     assert m["eval_tokens"] > 0 and m["eval_perplexity"] > 1 and m["train_tokens_per_second"] > 0
+    # The base is scored on the same responses with the adapter off: a different number, the same scale.
+    assert m["base_eval_perplexity"] > 1 and m["base_eval_loss"] != pytest.approx(m["eval_loss"], abs=1e-4)
+    assert m["eval_ppl_ratio"] == pytest.approx(m["eval_perplexity"] / m["base_eval_perplexity"])
     assert m["peak_rss_mb"] > 100 and m["final_train_loss"] > 0
     assert "s/it]" in proc.stderr or "it/s]" in proc.stderr  # tqdm progress with rate / ETA
     train_csv = (tmp_path / "plots/train_loss.csv").read_text().splitlines()
