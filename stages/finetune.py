@@ -3,8 +3,8 @@
 Run: python -m stages.finetune --params params.yaml --base models/base --data data/prepared \
        --out models/adapter --checkpoints models/checkpoints/finetune \
        --metrics reports/metrics/finetune.json --plots reports/plots/finetune
-Distributed (same command, unchanged): accelerate launch --config_file configs/accelerate/ddp.yaml \
-       -m stages.finetune --params params.yaml ...
+Distributed: the same command with `finetune.processes` > 1 (e.g. `dvc exp run -S finetune.processes=8`); the
+stage then starts itself under `accelerate launch` with configs/accelerate/<finetune.accelerate_config>.yaml.
 
 The recipe is tloen/alpaca-lora's finetune.py (Hugging Face Trainer + PEFT LoRA, the same hyperparameter
 names), made correct and faster on CPU: every example ends with the tokenizer's EOS (its label is never masked,
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import FinetuneParams, PromptParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, read_jsonl, write_csv, write_json, write_text
+from alpaca_lora_cpu.launch import check_world, config_file, relaunch, world
 from alpaca_lora_cpu.training import (
     check_bitsandbytes,
     check_targets,
@@ -44,7 +46,6 @@ from alpaca_lora_cpu.training import (
     peak_rss_mb,
     trainer_class,
     training_args,
-    world,
 )
 
 log = logging.getLogger("finetune")
@@ -69,10 +70,6 @@ def read_split(path: Path) -> list[dict]:
 
 def check_inputs(params: FinetuneParams, paths: Paths) -> tuple[list[dict], list[dict]]:
     """Everything that can be wrong with the input, checked before any weights load."""
-    _, world_size = world()
-    if params.batch_size % (params.micro_batch_size * world_size):
-        raise StageError(f"finetune.batch_size ({params.batch_size}) must be a multiple of micro_batch_size × "
-                         f"processes ({params.micro_batch_size} × {world_size})")
     train, val = read_split(paths.data / "train.jsonl"), read_split(paths.data / "val.jsonl")
     if not train:
         raise StageError(f"{paths.data / 'train.jsonl'}: the training split is empty")
@@ -192,7 +189,7 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
 
     started = time.time()
     rank, world_size = world()
-    precision, probe = choose_precision(params.precision, params.bf16_min_speedup)
+    precision, probe = choose_precision(params.precision, params.bf16_min_speedup, processes=params.processes)
     params = dataclasses.replace(params, precision=precision)  # checkpoints and Trainer see the real choice
     if mlflow is not None:
         mlflow.set_tag("precision", precision)
@@ -242,12 +239,15 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = make_parser(__doc__, "base", "data", "out", "checkpoints", "metrics", "plots")
+    ap = make_parser(__doc__, "base", "data", "out", "checkpoints", "metrics", "plots", "accelerate_configs")
     args = parse_args(ap, argv)
     config = load_params(args.params)
     params, prompt = config.finetune, config.prompt
     paths = Paths(args.base, args.data, args.out, args.checkpoints, args.metrics, args.plots)
     splits = check_inputs(params, paths)  # bad input stops here, before tracking and weights
+    if check_world(params.processes):
+        accelerate = config_file(args.accelerate_configs, params.accelerate_config)
+        sys.exit(relaunch("stages.finetune", sys.argv[1:] if argv is None else argv, params.processes, accelerate))
     if world()[0] != 0:  # only rank 0 tracks and writes; the other ranks just train
         run(params, prompt, paths, splits)
         return

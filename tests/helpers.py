@@ -130,6 +130,7 @@ TINY = {
     "epochs": 1, "learning_rate": 5.0e-3, "batch_size": 4, "micro_batch_size": 2, "cutoff_len": 96,
     "warmup_steps": 0, "train_on_inputs": False, "group_by_length": True, "packing": True, "precision": "fp32",
     "bf16_min_speedup": 1.3, "quantization": "none", "eval_steps": 2, "save_steps": 2, "seed": 0, "max_steps": 4,
+    "processes": 1, "accelerate_config": "ddp",
 }
 
 
@@ -149,7 +150,8 @@ def setup_run(tmp_path: Path, model_dir: Path, n_train: int = 16, n_val: int = 4
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["--params", str(tmp_path / "params.yaml"), "--base", str(model_dir), "--data", str(data),
             "--out", str(tmp_path / "adapter"), "--checkpoints", str(tmp_path / "ckpt"),
-            "--metrics", str(tmp_path / "finetune.json"), "--plots", str(tmp_path / "plots")]
+            "--metrics", str(tmp_path / "finetune.json"), "--plots", str(tmp_path / "plots"),
+            "--accelerate-configs", str(ROOT / "configs/accelerate")]
     return tmp_path, args
 
 

@@ -148,7 +148,7 @@ def test_a_variant_name_alone_does_not_cover_a_quantize_type(tmp_path):
 ENTRY_POINTS = {
     "stages.base": ("out", "metrics"),
     "stages.prepare": ("out", "metrics"),
-    "stages.finetune": ("base", "data", "out", "checkpoints", "metrics", "plots"),
+    "stages.finetune": ("base", "data", "out", "checkpoints", "metrics", "plots", "accelerate-configs"),
     "stages.merge": ("base", "adapter", "val", "out", "metrics"),
     "stages.consolidate": ("merged", "val", "out", "metrics"),
     "stages.convert": ("model", "val", "out", "metrics"),
@@ -160,6 +160,7 @@ ENTRY_POINTS = {
     "tools.serve": ("model",),
     "tools.bench_infer": ("gguf",),
     "tools.bench_finetune": (),
+    "tools.sweep": ("grid", "doc", "source"),
 }
 
 

@@ -100,6 +100,10 @@ BAD = [
                                                       "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
     ({"cutoff_len": 8}, "finetune.cutoff_len must be >= 16"),
     ({"batch_size": 5}, "must be a positive multiple of finetune.micro_batch_size"),
+    ({"processes": 3}, "finetune.batch_size (4) must be a multiple of micro_batch_size × processes (2 × 3)"),
+    ({"processes": 0}, "finetune.processes must be >= 1"),
+    ({"accelerate_config": "../ddp"}, "finetune.accelerate_config must be a config name"),
+    ({"processes": 2, "accelerate_config": "nope"}, "configs/accelerate/nope.yaml does not exist (choices in"),
 ]
 
 
@@ -135,14 +139,6 @@ def test_quantization_without_usable_bitsandbytes(tmp_path, tiny_model_dir):
 
 
 # ---------------------------------------------------------------- real (tiny) runs
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def assert_valid_adapter(adapter: Path, base: Path) -> None:
     from peft import PeftModel
@@ -259,15 +255,13 @@ def test_changed_params_do_not_resume_foreign_checkpoints(tmp_path, tiny_model_d
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_under_accelerate(tmp_path, tiny_model_dir):
-    cwd, args = setup_run(tmp_path, tiny_model_dir, max_steps=2, eval_steps=100)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate",
-                           "launch", "--config_file", str(ROOT / "configs/accelerate/cpu2.yaml"),
-                           "--main_process_port", str(free_port()), "-m", "stages.finetune", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+def test_processes_param_launches_two_cpu_processes_under_accelerate(tmp_path, tiny_model_dir):
+    """`-S finetune.processes=2` and the stage's own, unchanged command: it starts itself under accelerate."""
+    cwd, args = setup_run(tmp_path, tiny_model_dir, max_steps=2, eval_steps=100, processes=2)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", "OMP_NUM_THREADS": "1"}
+    proc = finetune(cwd, args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching 2 processes" in proc.stderr and "accelerate.commands.launch" in proc.stderr
     m = json.loads((tmp_path / "finetune.json").read_text())
     assert m["processes"] == 2 and m["steps"] == 2
     assert_valid_adapter(tmp_path / "adapter", tiny_model_dir)

@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 from helpers import ROOT, run_module
 
+from alpaca_lora_cpu.launch import free_port
 from tools.generate import completion_text
 
 # Runs entry points as subprocesses / converts and quantizes models: `make test`, not `make test-fast`.
@@ -51,15 +52,9 @@ def test_damaged_model_is_one_line_error(tmp_path, tiny_gguf, module, damage):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_serve_answers_openai_requests_on_loopback(tiny_gguf):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tools.serve", "--model", str(tiny_gguf), "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -11,13 +11,9 @@ import time
 import pytest
 from helpers import ROOT
 
+from alpaca_lora_cpu.launch import free_port
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(port: int, proc: subprocess.Popen, seconds: float = 90) -> None:

@@ -238,16 +238,21 @@ def main(argv: list[str] | None = None) -> None:
     setups = [REFERENCE, stage_setup(params, auto)]
     if setups[1].precision != auto:  # the stage's own precision is fixed: also show what auto would give
         setups.append(dataclasses.replace(setups[1], name=f"stage defaults, precision auto → {auto}", precision=auto))
+    if auto == "bf16":  # where bf16 is emulated (AVX2-only CPUs) auto trains in fp32: that path, measured here
+        setups.append(dataclasses.replace(setups[1], name="stage defaults in fp32 (auto's choice where bf16 is slow)",
+                                          precision="fp32"))
     results = []
     for setup in setups:
         r = train_once(setup, params, args.base, tokenizer, prompt, train, val_set, args.samples, evaluate=True)
         results.append(r)
         print(f"  {r['setup']:<32} {r['tokens_per_s']:8.1f} non-pad tokens/s  ({r['tokens']} tokens in "
               f"{r['seconds']:.0f} s)  eval loss {r['eval_loss']:.4f}", flush=True)
-    ref, stage = results[0], results[1]
-    print(f"ratio stage/reference: {stage['tokens_per_s'] / ref['tokens_per_s']:.2f}x  "
-          f"(target >= 2.0); eval loss {stage['eval_loss']:.4f} vs {ref['eval_loss']:.4f} "
-          f"({'no worse' if stage['eval_loss'] <= ref['eval_loss'] else 'WORSE'})", flush=True)
+    ref = results[0]
+    for setup, r in zip(setups[1:], results[1:], strict=True):
+        # Targets: >= 2.0x where bf16 is native, >= 1.5x in fp32 (AVX2-only CPUs); eval loss within 1%.
+        print(f"{r['setup']}: {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x the reference (target >= "
+              f"{2.0 if setup.precision == 'bf16' else 1.5}); eval loss {r['eval_loss']:.4f} vs {ref['eval_loss']:.4f} "
+              f"({(r['eval_loss'] / ref['eval_loss'] - 1) * 100:+.2f}%)", flush=True)
     if args.levers:
         half = args.lever_samples
         print(f"levers, each alone over the reference ({half} samples each):", flush=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, replace_section
 from alpaca_lora_cpu.tracking import machine_stamp
@@ -90,35 +91,28 @@ def call(cmd: list[str], env: dict, capture: bool = False) -> str:
 # ---------------------------------------------------------------- results
 
 
-def _experiments(node) -> list[dict]:
-    """Every {name, data} record in `dvc exp show --json`, however nested."""
+def finished_experiments(show: list) -> list[dict]:
+    """The {name, data} record of every experiment in `dvc exp show --json` that has finished. A queued or running
+    one still shows its baseline's metrics files, which are not its results."""
     found = []
-    if isinstance(node, dict):
-        if isinstance(node.get("name"), str) and isinstance(node.get("data"), dict):
-            found.append(node)
-        for value in node.values():
-            found += _experiments(value)
-    elif isinstance(node, list):
-        for value in node:
-            found += _experiments(value)
+    for commit in show:
+        for exp in commit.get("experiments") or []:
+            state = ((exp.get("executor") or {}).get("state")) or "success"
+            found += [rev for rev in exp.get("revs") or [] if state == "success" and isinstance(rev.get("data"), dict)]
     return found
 
 
 def rows_from_show(show: list, names: list[str]) -> list[dict]:
-    """One row per recipe that finished, in grid order (the newest experiment of each name)."""
+    """One row per recipe that finished, in grid order (the first listed, i.e. newest, experiment of each name)."""
     latest: dict[str, dict] = {}
-    for exp in _experiments(show):
+    for exp in finished_experiments(show):
         data = exp["data"]
         m = ((data.get("metrics") or {}).get(METRICS) or {}).get("data")
-        if exp["name"].startswith(PREFIX) and m and exp["name"] not in latest:
+        if (exp.get("name") or "").startswith(PREFIX) and m and exp["name"] not in latest:
             params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
             latest[exp["name"]] = {"params": params, "metrics": m}
-    rows = []
-    for name in names:
-        found = latest.get(PREFIX + name)
-        if found:
-            rows.append(make_row(name, found["params"], found["metrics"]))
-    return rows
+    return [make_row(name, latest[PREFIX + name]["params"], latest[PREFIX + name]["metrics"])
+            for name in names if PREFIX + name in latest]
 
 
 def make_row(name: str, params: dict, m: dict) -> dict:
@@ -201,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--collect", action="store_true", help="only rewrite the table from finished experiments")
     ap.add_argument("--jobs", type=int, default=1, help="experiments at once (each uses every core)")
     args = parse_args(ap, argv)
+    load_params(args.params)  # a broken params.yaml would fail every queued experiment: stop here instead
     common, runs = read_grid(args.grid)
     if not args.source.is_file():
         raise StageError(f"--source {args.source}: no such file")

@@ -17,7 +17,7 @@ from typing import Any
 from alpaca_lora_cpu.config import FinetuneParams, PromptParams, as_dict
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import sha256_file
-from alpaca_lora_cpu.training import world
+from alpaca_lora_cpu.launch import world
 
 log = logging.getLogger("finetune")
 

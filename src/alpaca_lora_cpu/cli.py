@@ -34,7 +34,7 @@ def make_parser(doc: str, *paths: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     for name in paths:
-        ap.add_argument(f"--{name}", type=Path, required=True)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=Path, required=True)
     return ap
 
 

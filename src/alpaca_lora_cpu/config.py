@@ -9,6 +9,7 @@ so a broken params.yaml stops every stage before it does any work, not just the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -105,9 +106,18 @@ class FinetuneParams:
     save_steps: int
     seed: int
     max_steps: int | None
+    processes: int  # > 1: the stage starts itself under `accelerate launch` with this many processes
+    accelerate_config: str  # configs/accelerate/<name>.yaml, for processes > 1
 
     def __post_init__(self) -> None:
         checks = [
+            (self.processes >= 1, f"finetune.processes must be >= 1, got {self.processes}"),
+            (bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.accelerate_config)),
+             f"finetune.accelerate_config must be a config name (configs/accelerate/<name>.yaml), "
+             f"got {self.accelerate_config!r}"),
+            (self.batch_size % max(self.micro_batch_size * self.processes, 1) == 0,
+             f"finetune.batch_size ({self.batch_size}) must be a multiple of micro_batch_size × processes "
+             f"({self.micro_batch_size} × {self.processes})"),
             (self.epochs > 0, f"finetune.epochs must be > 0, got {self.epochs}"),
             (self.learning_rate > 0, f"finetune.learning_rate must be > 0, got {self.learning_rate}"),
             (self.micro_batch_size > 0, f"finetune.micro_batch_size must be > 0, got {self.micro_batch_size}"),

@@ -17,17 +17,13 @@ from typing import Any
 
 from alpaca_lora_cpu.config import FinetuneParams, LoraParams
 from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.launch import world
 from alpaca_lora_cpu.packing import IGNORE, model_inputs, real_tokens
 from alpaca_lora_cpu.packing import collator as packing_collator
 from alpaca_lora_cpu.packing import register as register_packed_attention
 from alpaca_lora_cpu.prompts import render_record
 
 log = logging.getLogger("finetune")
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) as set by `accelerate launch` / torchrun; (0, 1) for a plain run."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def linear_module_names(base: Path) -> list[str]:
