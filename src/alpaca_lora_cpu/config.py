@@ -115,9 +115,6 @@ class FinetuneParams:
             (bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.accelerate_config)),
              f"finetune.accelerate_config must be a config name (configs/accelerate/<name>.yaml), "
              f"got {self.accelerate_config!r}"),
-            (self.batch_size % max(self.micro_batch_size * self.processes, 1) == 0,
-             f"finetune.batch_size ({self.batch_size}) must be a multiple of micro_batch_size × processes "
-             f"({self.micro_batch_size} × {self.processes})"),
             (self.epochs > 0, f"finetune.epochs must be > 0, got {self.epochs}"),
             (self.learning_rate > 0, f"finetune.learning_rate must be > 0, got {self.learning_rate}"),
             (self.micro_batch_size > 0, f"finetune.micro_batch_size must be > 0, got {self.micro_batch_size}"),
@@ -131,6 +128,9 @@ class FinetuneParams:
             (self.save_steps > 0, f"finetune.save_steps must be > 0, got {self.save_steps}"),
             (self.max_steps is None or self.max_steps > 0,
              f"finetune.max_steps must be > 0 or null, got {self.max_steps}"),
+            (self.batch_size % max(self.micro_batch_size * self.processes, 1) == 0,
+             f"finetune.batch_size ({self.batch_size}) must be a multiple of micro_batch_size × processes "
+             f"({self.micro_batch_size} × {self.processes})"),
         ]
         for ok, message in checks:
             if not ok:
