@@ -145,7 +145,10 @@ def markdown(rows: list[dict], source: str, stamp: str, plot: str | None) -> str
     lines = [f"Measured {stamp}. Data: `{source}`, a seeded sample of 518 records (466 train, 52 val), the size of "
              "a 1% sample of alpaca-cleaned. val/base PPL: response-only perplexity on the 52 val records (prompt "
              "masked, EOS included) of the fine-tuned model and of the base on the same tokens; ratio = val ÷ base. "
-             "train min / tokens/s: the finetune stage's training time and non-pad training tokens per second.", "",
+             "train min / tokens/s: the finetune stage's training time and non-pad training tokens per second; other "
+             "work sharing the CPU during a run lengthens its minutes and lowers its tokens/s, so compare PPL first. "
+             "Each recipe is a DVC experiment named sweep-<recipe> (`dvc exp show --all-commits`, `dvc exp apply "
+             "sweep-<recipe>`) and an MLflow run tagged dvc_exp_name=sweep-<recipe>.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         mark = " **(best)**" if row is best else ""
