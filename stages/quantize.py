@@ -13,11 +13,9 @@ log says); the k-quant mixes (_M/_S/_L) deliberately give some tensors more bits
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import re
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,65 +24,27 @@ from alpaca_lora_cpu.config import PromptParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, ensure_writable, write_json, write_text
 from alpaca_lora_cpu.prompts import ALPACA_NO_INPUT, stop_sequences
+from alpaca_lora_cpu.quantizer import (
+    IMAT,
+    SEARCHED,
+    Plan,
+    asked_type,
+    imatrix_entries,
+    plan_for,
+    quantize_file,
+    read_recipe,
+    recipe_type,
+)
 
 log = logging.getLogger("quantize")
-TYPE_NAME = re.compile(r"^(Q[2-8]_(0|1|K|K_[SML])|F16|BF16)$")
 FALLBACK = re.compile(r"^\S*warning:\s*(\S+)\s+- ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\S+)\)"
                       r"\s*-> falling back to\s+(\S+)")
-
-
-def valid_types() -> dict[str, int]:
-    """Quantization names accepted by `--type` (lower case) → llama.cpp ftype constant."""
-    import llama_cpp
-
-    prefix = "LLAMA_FTYPE_MOSTLY_"
-    return {name.removeprefix(prefix).lower(): getattr(llama_cpp, name) for name in dir(llama_cpp)
-            if name.startswith(prefix) and TYPE_NAME.match(name.removeprefix(prefix))}
-
-
-def check_type(qtype: str) -> int:
-    types = valid_types()
-    if qtype not in types:
-        raise StageError(f"unknown quantization type {qtype!r} in quantize.types; valid: {', '.join(sorted(types))}")
-    return types[qtype]
-
-
-def asked_type(qtype: str) -> str:
-    """The GGML tensor type a level asks for: q4_k_m → Q4_K, q8_0 → Q8_0."""
-    return re.sub(r"_K_[SML]$", "_K", qtype.upper())
-
-
-def _quantize(src: str, dst: str, ftype: int, nthread: int) -> tuple[int, float, list[str]]:
-    """llama.cpp's quantizer with its default params (runs in a child); (return code, seconds, its log lines)."""
-    import llama_cpp
-
-    from alpaca_lora_cpu.llama import captured_stderr
-
-    qp = llama_cpp.llama_model_quantize_default_params()
-    qp.ftype = ftype
-    qp.nthread = nthread
-    t0 = time.perf_counter()
-    with captured_stderr() as lines:
-        rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(qp))
-    return rc, time.perf_counter() - t0, lines
-
-
-def quantize_file(src: Path, dst: Path, ftype: int) -> tuple[float, list[str]]:
-    """Quantize in a child process, so a llama.cpp crash is a one-line error; (seconds, llama.cpp's log lines)."""
-    from alpaca_lora_cpu.native import call_in_child
-
-    rc, seconds, lines = call_in_child(_quantize, str(src), str(dst), ftype, os.cpu_count() or 1, file=src,
-                                       action="quantizing")
-    if rc != 0 or not dst.is_file():
-        err = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), f"rc={rc}")
-        raise StageError(f"llama.cpp's quantizer failed on {src}: {err.strip()[:200]}")
-    return seconds, lines
-
-
-def other_types(infos: list, qtype: str, log_lines: list[str]) -> dict:
-    """Tensors stored in another type than `qtype` asks, grouped by reason (count, stored types, examples)."""
+def other_types(infos: list, plan: Plan, log_lines: list[str]) -> dict:
+    """Tensors stored in another type than the plan's level asks, grouped by reason (count, stored types,
+    examples)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    qtype = plan.qtype
     asked = asked_type(qtype)
     block = GGML_QUANT_SIZES[GGMLQuantizationType[asked]][0]
     fell_back = {m[1]: m for m in (FALLBACK.match(ln) for ln in log_lines) if m}
@@ -94,6 +54,8 @@ def other_types(infos: list, qtype: str, log_lines: list[str]) -> dict:
             continue
         if len(t.shape) == 1 or t.shape[1] == 1:
             reason = "1-D tensor (norm weights): llama.cpp keeps these in F32"
+        elif recipe_type(plan, t.name) == t.type:
+            reason = f"the recipe {plan.name!r} sets this tensor's type"
         elif t.name in fell_back:
             m = fell_back[t.name]
             reason = (f"rows of {m[2]} not divisible by {m[3]} (the block size of {m[4]}): llama.cpp fell back "
@@ -138,44 +100,52 @@ def smoke_test(path: Path) -> None:
             raise StageError(f"{path}: llama.cpp produced non-finite logits")
 
 
-def run(qtype: str, prompt: PromptParams, src: Path, out: Path, modelfile_out: Path,
-        extra_stops: tuple[str, ...] = ()) -> dict:
+def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: Path,
+        extra_stops: tuple[str, ...] = (), imatrix: Path | None = None) -> dict:
     from alpaca_lora_cpu.gguf_files import bits_per_weight, check_gguf, eos_text, tensor_infos, type_counts
 
-    ftype = check_type(qtype)
+    if plan.imatrix and (imatrix is None or not imatrix.is_file()):
+        raise StageError(f"{plan.name} needs the importance matrix: {imatrix} not found (run the imatrix stage)")
     reader = check_gguf(src)
     ensure_writable(out)
     ensure_writable(modelfile_out)
     eos = eos_text(reader)
     stops = [eos] if eos else []
     with atomic_path(out) as tmp:
-        seconds, lines = quantize_file(src, tmp, ftype)
+        seconds, lines = quantize_file(src, tmp, plan, imatrix if plan.imatrix else None)
         infos = tensor_infos(tmp)
         smoke_test(tmp)
         metrics = {
-            "type": qtype, "asked_tensor_type": asked_type(qtype), "file_bytes": tmp.stat().st_size,
+            "type": plan.name, "level": plan.qtype, "asked_tensor_type": asked_type(plan.qtype),
+            "recipe": int(plan.name not in (plan.qtype, plan.qtype + IMAT)), "imatrix": int(plan.imatrix),
+            "imatrix_entries": imatrix_entries(lines), "file_bytes": tmp.stat().st_size,
             "file_mib": tmp.stat().st_size / 2**20, "bits_per_weight": bits_per_weight(infos),
             "quantize_seconds": seconds, "source_bytes": src.stat().st_size, "tensors": len(infos),
-            "tensor_types": type_counts(infos), "other_type": other_types(infos, qtype, lines),
+            "tensor_types": type_counts(infos), "other_type": other_types(infos, plan, lines),
         }
+        if plan.imatrix and not metrics["imatrix_entries"]:
+            raise StageError(f"{plan.name}: llama.cpp did not report using the importance matrix {imatrix}")
         write_text(modelfile_out, modelfile(out.name, prompt.template, stops, extra_stops))
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "src", "out", "modelfile", "metrics")
-    ap.add_argument("--type", required=True, help="quantization level, e.g. q4_k_m")
+    ap.add_argument("--type", required=True, help="a quantize.types entry: q4_k_m, q4_k_m-imat or a recipe name")
+    ap.add_argument("--imatrix", type=Path, help="llama.cpp GGUF imatrix file, for -imat types and recipes")
+    ap.add_argument("--searched", type=Path, help="the search stage's recipe file, for the `searched` entry")
     args = parse_args(ap, argv)
     params = load_params(args.params)
     prompt = params.prompt
-    check_type(args.type)
+    plan = plan_for(args.type, params.quantize.recipes, args.searched)
     ensure_writable(args.metrics)
     from alpaca_lora_cpu.tracking import log_metrics, stage_run
 
-    with stage_run("quantize", {"quantize": {"type": args.type}, "prompt": as_dict(prompt),
-                                "generate": {"stop": list(params.generate.stop)}},
+    recipe = params.quantize.recipes.get(args.type) or (read_recipe(args.searched) if args.type == SEARCHED else None)
+    with stage_run("quantize", {"quantize": {"type": args.type, **({"recipe": as_dict(recipe)} if recipe else {})},
+                                "prompt": as_dict(prompt), "generate": {"stop": list(params.generate.stop)}},
                    run_name=f"quantize@{args.type}") as mlflow:
-        metrics = run(args.type, prompt, args.src, args.out, args.modelfile, params.generate.stop)
+        metrics = run(plan, prompt, args.src, args.out, args.modelfile, params.generate.stop, args.imatrix)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "other_type"})
     log.info("%s: %.1f MiB, %.2f bits/weight, %.1f s → %s", args.type, metrics["file_mib"],

@@ -3,7 +3,8 @@
 Run: python -m stages.report --params params.yaml --evaluated reports/metrics/evaluate \
          --reference reports/metrics/reference.json --generations reports/evaluate --loss reports/plots/finetune \
          --out reports/report.md --figures reports/figures --table reports/plots/evaluate.csv \
-         --metrics reports/metrics/report.json
+         --metrics reports/metrics/report.json --imatrix-metrics reports/metrics/imatrix.json \
+         --search-metrics reports/metrics/search.json
 
 The table (a row per variant), the quality/size and speed/size plots, the training loss curve, base vs
 fine-tuned answers to the fixed prompts, the environment, and each target of the project stated as met or
@@ -128,6 +129,99 @@ def targets(inputs: Inputs, goal: ReportParams) -> list[dict]:
     return out
 
 
+IMAT = "-imat"
+KINDS = {  # kind → (marker, colour, legend)
+    "plain": ("o", "tab:blue", "llama.cpp level"),
+    "imatrix": ("^", "tab:green", "level + imatrix"),
+    "i-quant": ("D", "tab:purple", "i-quant + imatrix"),
+    "recipe": ("*", "tab:red", "recipe / searched"),
+    "reference": ("s", "black", "finetuned (reference)"),
+}
+
+
+def kind(variant: str, recipes: set[str]) -> str:
+    if variant == REFERENCE_VARIANT:
+        return "reference"
+    if variant in recipes:
+        return "recipe"
+    if variant.startswith("iq"):
+        return "i-quant"
+    return "imatrix" if variant.endswith(IMAT) else "plain"
+
+
+def imatrix_targets(v: dict[str, dict], goal: ReportParams, recipes: set[str]) -> list[dict]:
+    """Issue-13 targets: what the imatrix buys per level, the best variant at q4_0's size, the searched recipe."""
+    out = []
+    for level in ("q4_0", "q4_k_m", "q2_k"):
+        if level in v and level + IMAT in v:
+            plain, imat = v[level]["kld_mean"], v[level + IMAT]["kld_mean"]
+            cut = 1 - imat / plain
+            out.append({"target": f"the imatrix lowers {level}'s mean KLD by ≥ {goal.imatrix_min_kld_cut:.0%}",
+                        "met": cut >= goal.imatrix_min_kld_cut,
+                        "numbers": f"{plain:.4f} → {imat:.4f} ({-100 * cut:+.0f}%)"})
+        else:
+            out.append({"target": f"imatrix effect on {level}", "met": None,
+                        "numbers": f"{level} and {level}{IMAT} not both evaluated"})
+    if "q4_0" in v:
+        best = best_within(v, v["q4_0"]["size_mb"])
+        out.append({"target": f"best variant no larger than q4_0: mean KLD ≤ {goal.q4_0_size_max_kld:g}",
+                    "met": v[best]["kld_mean"] <= goal.q4_0_size_max_kld,
+                    "numbers": f"{best}: {v[best]['kld_mean']:.4f} at {v[best]['size_mb']:.1f} MB"})
+    if "q4_k_m" + IMAT in v:
+        kld = v["q4_k_m" + IMAT]["kld_mean"]
+        out.append({"target": f"q4_k_m{IMAT} mean KLD ≤ {goal.q4_k_m_imat_max_kld:g}",
+                    "met": kld <= goal.q4_k_m_imat_max_kld, "numbers": f"{kld:.4f}"})
+    if "searched" in v:
+        s = v["searched"]
+        rivals = {n: m for n, m in v.items() if n.endswith(IMAT) and n not in recipes and m["size_mb"] <= s["size_mb"]}
+        if rivals:
+            best = min(rivals, key=lambda n: rivals[n]["kld_mean"])
+            cut = 1 - s["kld_mean"] / rivals[best]["kld_mean"]
+            out.append({"target": f"searched recipe: mean KLD ≥ {goal.search_min_kld_cut:.0%} lower than every stock "
+                                  "imatrix level no larger", "met": cut >= goal.search_min_kld_cut,
+                        "numbers": f"searched {s['kld_mean']:.4f} at {s['size_mb']:.1f} MB vs {best} "
+                                   f"{rivals[best]['kld_mean']:.4f} at {rivals[best]['size_mb']:.1f} MB "
+                                   f"({-100 * cut:+.0f}%)"})
+        else:
+            out.append({"target": "searched recipe vs stock imatrix levels", "met": None,
+                        "numbers": "no stock imatrix level as small as the searched recipe"})
+    return out
+
+
+def best_within(v: dict[str, dict], size_mb: float) -> str:
+    """The quantized variant with the lowest mean KLD no larger than `size_mb`."""
+    fits = {n: m for n, m in v.items() if n not in (BASE_VARIANT, REFERENCE_VARIANT) and m["size_mb"] <= size_mb}
+    return min(fits, key=lambda n: fits[n]["kld_mean"])
+
+
+def quantization_section(v: dict[str, dict], budgets: tuple[str, ...], calibration: dict, search: dict) -> str:
+    """Plain vs imatrix per level, the recommendation per size budget, the calibration set and the search."""
+    lines = [f"Importance matrix: {calibration.get('tokens', '?')} tokens ({calibration.get('chunks', '?')} "
+             f"records) of `{calibration.get('calibration_source', '?')}` (sha256 "
+             f"`{str(calibration.get('calibration_sha256', '?'))[:16]}…`), disjoint from the val split scored here.",
+             "", "| level | size MB | KLD plain | KLD imatrix | change | top-1 % plain | top-1 % imatrix |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, m in v.items():
+        if name.endswith(IMAT) and name.removesuffix(IMAT) in v:
+            plain = v[name.removesuffix(IMAT)]
+            lines.append(f"| {name.removesuffix(IMAT)} | {m['size_mb']:.1f} | {plain['kld_mean']:.4f} | "
+                         f"{m['kld_mean']:.4f} | {100 * (m['kld_mean'] / plain['kld_mean'] - 1):+.0f}% | "
+                         f"{100 * plain['top1_agreement']:.1f} | {100 * m['top1_agreement']:.1f} |")
+    lines += ["", "Best variant (lowest mean KLD) within each size:", ""]
+    for budget in budgets:
+        if budget in v:
+            best = best_within(v, v[budget]["size_mb"])
+            lines.append(f"- ≤ {budget} ({v[budget]['size_mb']:.1f} MB): **{best}**, {v[best]['size_mb']:.1f} MB, "
+                         f"KLD {v[best]['kld_mean']:.4f}, top-1 {100 * v[best]['top1_agreement']:.1f}%")
+    if search:
+        lines += ["", f"Search (stage `search`): {search['candidates']} candidates measured on "
+                      f"{search['calibration_tokens']} train-split tokens in {search['seconds']:.0f} s, budget "
+                      f"{search['budget_mib']:.1f} MiB; winner {search['winner_mib']:.1f} MiB, calibration KLD "
+                      f"{search['winner_kld']:.4f} (predicted {search['winner_predicted_kld']:.4f}). Its recipe: "
+                      "models/search/recipe.json; every candidate: reports/search/candidates.csv."]
+    return "\n".join(lines)
+
+
 def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both size and the quality loss (lower is better for both)."""
     front, best = [], float("inf")
@@ -138,13 +232,18 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-def plot_quality(rows: list[dict], path: Path) -> None:
+def plot_quality(rows: list[dict], path: Path, recipes: set[str] = frozenset()) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     for ax, key, label in ((axes[0], "kld_mean", "mean KLD vs finetuned"), (axes[1], "ppl", "response PPL")):
         pts = [(r["size_mb"], r[key]) for r in rows if r["variant"] != BASE_VARIANT]
-        ax.scatter(*zip(*pts, strict=True), color="tab:blue")
+        for k, (marker, colour, legend) in KINDS.items():
+            mine = [(r["size_mb"], r[key]) for r in rows
+                    if r["variant"] != BASE_VARIANT and kind(r["variant"], recipes) == k]
+            if mine:
+                ax.scatter(*zip(*mine, strict=True), marker=marker, color=colour, label=legend,
+                           s=90 if marker == "*" else 30)
         front = _pareto(pts)
         ax.plot(*zip(*front, strict=True), color="tab:orange", lw=1, label="Pareto front")
         for r in rows:
@@ -280,7 +379,7 @@ def environment(inputs: Inputs) -> dict:
 
 
 def render(inputs: Inputs, rows: list[dict], goals: list[dict], env: dict, figures: dict[str, str],
-           loss_note: str) -> str:
+           loss_note: str, quantization: str = "") -> str:
     ref, hf = inputs.reference, inputs.reference["hf_fp32"]
     marks = {True: "**met**", False: "**missed**", None: "not measured"}
     any_v = next(iter(inputs.variants.values()))
@@ -305,6 +404,7 @@ def render(inputs: Inputs, rows: list[dict], goals: list[dict], env: dict, figur
         "before any stop sequence cuts them: ended with EOS within the limit, wrote an Alpaca header (ran on into "
         "a new turn), repeated a 4-gram 3 or more times; answer tokens is their mean length. The answers shown "
         "below are cut at the stop sequences, as `make generate` prints them.", "",
+        *(["## Quantization: importance matrix, i-quants, recipes", "", quantization, ""] if quantization else []),
         "## Plots", "",
         f"![quality against size]({figures['quality']})", "",
         f"![generation speed against size]({figures['speed']})", "",
@@ -322,23 +422,27 @@ def write_table(rows: list[dict], path: Path) -> None:
 
 
 def run(params: EvaluateParams, goal: ReportParams, evaluated: Path, reference: Path, generations: Path,
-        loss_dir: Path, out: Path, figures_dir: Path, table: Path) -> dict:
+        loss_dir: Path, out: Path, figures_dir: Path, table: Path, recipes: set[str] = frozenset(),
+        calibration: Path | None = None, search: Path | None = None) -> dict:
     inputs = load_inputs(list(params.variants), evaluated, reference, generations)
     rows = table_rows(inputs)
-    goals = targets(inputs, goal)
+    goals = targets(inputs, goal) + imatrix_targets(inputs.variants, goal, recipes)
+    calib = read_json(calibration, "imatrix metrics") if calibration and calibration.is_file() else {}
+    found = read_json(search, "search metrics") if search and search.is_file() else {}
+    quantization = quantization_section(inputs.variants, goal.budget_variants, calib, found)
     env = environment(inputs)
     series = read_loss(loss_dir)
     rel = os.path.relpath(figures_dir, out.parent)
     figures = {"quality": f"{rel}/quality_vs_size.png", "speed": f"{rel}/speed_vs_size.png"}
     with atomic_path(figures_dir) as tmp:
         tmp.mkdir()
-        plot_quality(rows, tmp / "quality_vs_size.png")
+        plot_quality(rows, tmp / "quality_vs_size.png", recipes)
         plot_speed(rows, inputs.reference["hf_fp32"], tmp / "speed_vs_size.png")
         if series:
             plot_loss(series, tmp / "training_loss.png")
             figures["loss"] = f"{rel}/training_loss.png"
     note = f"*No training loss curve: no loss data found in {loss_dir}/ (the finetune stage writes it).*"
-    write_text(out, render(inputs, rows, goals, env, figures, note))
+    write_text(out, render(inputs, rows, goals, env, figures, note, quantization))
     write_table(rows, table)
     return {"run_id": inputs.reference["run_id"], "variants": len(rows),
             "targets_met": sum(g["met"] is True for g in goals),
@@ -365,6 +469,8 @@ def attach_to_variant_runs(mlflow, run_id: str, files: list[Path]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "evaluated", "reference", "generations", "loss", "out", "figures", "table", "metrics")
+    ap.add_argument("--imatrix-metrics", type=Path, help="the imatrix stage's metrics (calibration set)")
+    ap.add_argument("--search-metrics", type=Path, help="the search stage's metrics")
     args = parse_args(ap, argv)
     params = load_params(args.params)
     import matplotlib
@@ -373,8 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     from alpaca_lora_cpu.tracking import log_metrics, stage_run
 
     with stage_run("report", {"evaluated": str(args.evaluated)}) as mlflow:
+        recipes = {*params.quantize.recipes, "searched"}
         metrics = run(params.evaluate, params.report, args.evaluated, args.reference, args.generations, args.loss,
-                      args.out, args.figures, args.table)
+                      args.out, args.figures, args.table, recipes, args.imatrix_metrics, args.search_metrics)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "targets"})
         mlflow.set_tags({"eval_run_id": metrics["run_id"]})

@@ -116,6 +116,8 @@ def shrink_params(repo: Path, quants: list[str], overrides: dict | None = None) 
         "reference": {"max_records": 3, "max_response_tokens": 32, "generate_records": 2,
                       "showcase_prompts": doc["reference"]["showcase_prompts"][:2]},
         "evaluate": {"max_new_tokens": 16, "speed": {"prompt_tokens": 64, "gen_tokens": 16, "runs": 3}},
+        "imatrix": {"max_tokens": 256, "chunk_size": 128},
+        "search": {"calibration_tokens": 128, "types": ["q4_0", "q8_0"], "top_k": 32, "verify": 1},
     })
     # Replaced, not merged: only the kept quantization levels get evaluate stages.
     doc["evaluate"]["variants"] = {k: v for k, v in doc["evaluate"]["variants"].items()

@@ -152,6 +152,8 @@ ENTRY_POINTS = {
     "stages.merge": ("base", "adapter", "val", "out", "metrics"),
     "stages.consolidate": ("merged", "val", "out", "metrics"),
     "stages.convert": ("model", "val", "out", "metrics"),
+    "stages.imatrix": ("merged", "data", "out", "metrics"),
+    "stages.search": ("src", "imatrix", "data", "out", "candidates", "metrics"),
     "stages.quantize": ("type", "src", "out", "modelfile", "metrics"),
     "stages.reference": ("gguf", "merged", "val", "out", "metrics"),
     "stages.evaluate": ("variant", "gguf", "reference", "metrics", "generations"),

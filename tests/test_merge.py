@@ -93,7 +93,7 @@ def test_params_yaml_export_sections_load():
     from helpers import ROOT
 
     from alpaca_lora_cpu.config import load_params
-    from stages.quantize import valid_types
+    from alpaca_lora_cpu.quantizer import SEARCHED, plan_for, valid_types
 
     params = ROOT / "params.yaml"
     loaded = load_params(params)
@@ -101,6 +101,8 @@ def test_params_yaml_export_sections_load():
     assert loaded.convert.min_top1_agreement == 0.99
     assert loaded.generate.n_ctx >= 64
     types = yaml.safe_load(params.read_text())["quantize"]["types"]
-    assert types and set(types) <= set(valid_types())
+    # every entry is a llama.cpp level (maybe -imat), a recipe, or `searched`, each resolving to a valid level
+    plans = [plan_for(t, loaded.quantize.recipes) for t in types if t != SEARCHED]
+    assert plans and {p.qtype for p in plans} <= set(valid_types())
     with pytest.raises(ValueError, match="export.gate_prompts"):
         ExportParams("fp32", "1GB", True, 0, 64, 1e-3)

@@ -12,7 +12,8 @@ from alpaca_lora_cpu.config import PromptParams
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.gguf_files import tensor_infos
 from alpaca_lora_cpu.llama import open_llama
-from stages.quantize import check_type, modelfile, run, valid_types
+from alpaca_lora_cpu.quantizer import plan_for, valid_types
+from stages.quantize import modelfile, run
 
 # Runs entry points as subprocesses / converts and quantizes models: `make test`, not `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -24,17 +25,18 @@ ALPACA = PromptParams(template="alpaca")
 def test_valid_types_cover_the_defaults_and_unknown_lists_them():
     assert {"q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k"} <= set(valid_types())
     with pytest.raises(StageError, match="unknown quantization type 'q4_z'.*valid: .*q4_k_m"):
-        check_type("q4_z")
+        plan_for("q4_z", {})
 
 
 def test_q4_0_and_k_quant_fallbacks_are_explained(tmp_path, tiny_gguf):
-    m = run("q4_0", ALPACA, tiny_gguf, tmp_path / "finetuned-q4_0.gguf", tmp_path / "finetuned-q4_0.Modelfile")
+    m = run(plan_for("q4_0", {}), ALPACA, tiny_gguf, tmp_path / "finetuned-q4_0.gguf",
+            tmp_path / "finetuned-q4_0.Modelfile")
     infos = tensor_infos(tmp_path / "finetuned-q4_0.gguf")
     assert m["file_bytes"] == (tmp_path / "finetuned-q4_0.gguf").stat().st_size < tiny_gguf.stat().st_size
     assert m["tensor_types"].get("Q4_0", 0) > 0 and 4 < m["bits_per_weight"] < 16
     assert sum(g["count"] for g in m["other_type"].values()) == sum(t.type != "Q4_0" for t in infos)
     # The tiny model's 64-wide rows are not multiples of 256: every k-quant tensor falls back, with the reason.
-    k = run("q4_k_m", ALPACA, tiny_gguf, tmp_path / "finetuned-q4_k_m.gguf", tmp_path / "k.Modelfile")
+    k = run(plan_for("q4_k_m", {}), ALPACA, tiny_gguf, tmp_path / "finetuned-q4_k_m.gguf", tmp_path / "k.Modelfile")
     assert "Q4_K" not in k["tensor_types"]
     assert any("not divisible by 256" in reason for reason in k["other_type"])
     with open_llama(tmp_path / "finetuned-q4_k_m.gguf", n_ctx=64, threads=2):
@@ -42,7 +44,8 @@ def test_q4_0_and_k_quant_fallbacks_are_explained(tmp_path, tiny_gguf):
 
 
 def test_modelfile_has_template_and_stops(tmp_path, tiny_gguf):
-    run("q8_0", ALPACA, tiny_gguf, tmp_path / "finetuned-q8_0.gguf", tmp_path / "finetuned-q8_0.Modelfile")
+    run(plan_for("q8_0", {}), ALPACA, tiny_gguf, tmp_path / "finetuned-q8_0.gguf",
+        tmp_path / "finetuned-q8_0.Modelfile")
     text = (tmp_path / "finetuned-q8_0.Modelfile").read_text()
     assert "FROM ./finetuned-q8_0.gguf" in text and "{{ .Prompt }}" in text and "### Response:" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "### Instruction:"' in text
@@ -95,5 +98,5 @@ def test_unwritable_output_folder_stops_before_quantizing(tmp_path, tiny_gguf):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     with pytest.raises(StageError, match="cannot create output folder"):
-        run("q4_0", ALPACA, tiny_gguf, blocker / "finetuned-q4_0.gguf", tmp_path / "m.Modelfile")
+        run(plan_for("q4_0", {}), ALPACA, tiny_gguf, blocker / "finetuned-q4_0.gguf", tmp_path / "m.Modelfile")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]

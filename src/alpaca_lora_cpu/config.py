@@ -166,8 +166,31 @@ class ConvertParams:
 
 
 @dataclass(frozen=True)
+class ImatrixParams:
+    source: str       # train | val | a local Alpaca file: the calibration text
+    max_tokens: int   # calibration tokens in all
+    chunk_size: int   # each record is cut to this many tokens
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 2:
+            raise ValueError(f"imatrix.max_tokens must be >= 2, got {self.max_tokens}")
+        if self.chunk_size < 2:
+            raise ValueError(f"imatrix.chunk_size must be >= 2, got {self.chunk_size}")
+
+
+@dataclass(frozen=True)
+class RecipeParams:
+    type: str                     # the llama.cpp level every tensor starts from (its ftype), e.g. iq4_nl
+    imatrix: bool                 # quantize with the importance matrix
+    token_embedding: str | None   # GGML type of token_embd (null: the level's choice)
+    output: str | None            # GGML type of the output tensor (tied models: token_embd); null: the level's
+    overrides: dict[str, str]     # regex on tensor names → GGML type, first match wins (llama.cpp tt_overrides)
+
+
+@dataclass(frozen=True)
 class QuantizeParams:
-    types: tuple[str, ...]  # llama.cpp level names; each quantize@<type> stage checks its own against llama.cpp
+    types: tuple[str, ...]  # llama.cpp levels (<type> or <type>-imat) and recipe names; one quantize@<entry> each
+    recipes: dict[str, RecipeParams]
 
     def __post_init__(self) -> None:
         if not self.types:
@@ -175,6 +198,24 @@ class QuantizeParams:
         twice = sorted({t for t in self.types if self.types.count(t) > 1})
         if twice:
             raise ValueError(f"quantize.types lists {twice[0]!r} more than once")
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    budget_mib: float | None     # the file size the searched recipe must fit; null: the stock q4_0 file's size
+    types: tuple[str, ...]       # GGML tensor types a tensor group may take (each keeps those its rows fit)
+    calibration_tokens: int      # train-split tokens each candidate's KLD is measured on
+    top_k: int                   # reference log-probs kept per position for that KLD
+    verify: int                  # best knapsack solutions quantized and measured for real
+
+    def __post_init__(self) -> None:
+        if self.budget_mib is not None and self.budget_mib <= 0:
+            raise ValueError(f"search.budget_mib must be > 0 or null, got {self.budget_mib}")
+        if not self.types:
+            raise ValueError("search.types must list at least one tensor type")
+        for key in ("calibration_tokens", "top_k", "verify"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"search.{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -253,8 +294,16 @@ class ReportParams:
     q8_min_top1: float         # q8_0 top-1 agreement with the reference must reach this share
     q4_min_speedup: float      # q4_0 generation tok/s over transformers fp32 must reach this ratio
     ppl_ratio_max: float       # fine-tuned response PPL must be at most this × the base model's
+    imatrix_min_kld_cut: float  # the imatrix must lower q4_0's, q4_k_m's and q2_k's mean KLD by this share
+    q4_0_size_max_kld: float    # the best variant no larger than q4_0 must reach this mean KLD
+    q4_k_m_imat_max_kld: float  # q4_k_m with the imatrix must reach this mean KLD
+    search_min_kld_cut: float   # searched vs every stock imatrix level no larger: mean KLD lower by this share
+    budget_variants: tuple[str, ...]  # the report recommends the best variant no larger than each of these
 
     def __post_init__(self) -> None:
+        for key in ("imatrix_min_kld_cut", "search_min_kld_cut"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"report.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.q8_max_kld <= 0:
             raise ValueError(f"report.q8_max_kld must be > 0, got {self.q8_max_kld}")
         if not 0 < self.q8_min_top1 <= 1:
@@ -275,6 +324,8 @@ class Params:
     finetune: FinetuneParams
     export: ExportParams
     convert: ConvertParams
+    imatrix: ImatrixParams
+    search: SearchParams
     quantize: QuantizeParams
     generate: GenerateParams
     reference: ReferenceParams
@@ -293,6 +344,10 @@ def check_across(p: Params) -> None:
     """Rules between sections, which no single section's `__post_init__` can see."""
     # dvc.yaml's quantize@<type> writes models/gguf/finetuned-<type>.gguf; without a variant on that file the level is
     # built but never evaluated, and the report would stop at the very end of the pipeline.
+    for name in p.quantize.recipes:
+        if name.endswith("-imat"):
+            raise StageError(f"params: quantize.recipes.{name}: a recipe name must not end in -imat (that suffix "
+                             "asks a level for the importance matrix; set the recipe's imatrix: true)")
     stems = set(p.evaluate.variants.values())
     for t in p.quantize.types:
         if f"finetuned-{t}" not in stems:
@@ -353,6 +408,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in allowed:
             raise StageError(f"params: '{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise StageError(f"params: '{key}' must be a mapping with string keys, got {value!r}")
+        item = typing.get_args(tp)[1]
+        return {k: _coerce(item, v, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, list):
             raise StageError(f"params: '{key}' must be a list, got {value!r}")

@@ -1,0 +1,142 @@
+"""Importance matrix (imatrix) of a Hugging Face LLaMA model, in llama.cpp's GGUF imatrix format.
+
+What llama.cpp's quantizer weighs each weight column by: for every 2-D weight a matmul reads, the mean over
+calibration tokens of the squared input activation of each input column. llama-imatrix collects it from ggml's
+matmuls; here forward hooks on the decoder's nn.Linear modules collect the same sums from the HF checkpoint
+(the weights the GGUF was converted from), so no llama.cpp binary is needed.
+
+File layout (llama.cpp tools/imatrix, read by llama-quantize --imatrix and common's imatrix loader):
+  general.type = "imatrix"; imatrix.datasets (string array); imatrix.chunk_count, imatrix.chunk_size (u32)
+  per weight `<gguf tensor name>.in_sum2`  F32 ne [ncols, 1]: Σ x² over the tokens
+             `<gguf tensor name>.counts`   F32 ne [1, 1]:     the token count
+The quantizer's value for a column is in_sum2 / counts.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from alpaca_lora_cpu.errors import StageError
+
+SUM2, COUNTS = ".in_sum2", ".counts"
+
+
+@dataclass
+class Imatrix:
+    sums: dict[str, np.ndarray]  # GGUF tensor name (blk.0.attn_q.weight) → Σ x² per input column (float64)
+    counts: dict[str, int]       # → tokens seen
+    datasets: list[str]
+    chunk_count: int
+    chunk_size: int
+
+    def means(self) -> dict[str, np.ndarray]:
+        """in_sum2 / counts as float32: what llama.cpp's quantizer takes."""
+        return {n: (s / max(self.counts[n], 1)).astype(np.float32) for n, s in self.sums.items()}
+
+
+def gguf_name(hf_module: str, n_layers: int) -> str:
+    """model.layers.3.self_attn.q_proj → blk.3.attn_q.weight (llama.cpp's converter's own name map)."""
+    import gguf
+
+    name = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers).get_name(hf_module + ".weight",
+                                                                            try_suffixes=(".weight",))
+    if name is None:
+        raise StageError(f"no GGUF tensor name for the module {hf_module!r}")
+    return name
+
+
+def collect(model: Any, sequences: Iterable[list[int]], progress: Callable[[int], None] | None = None
+            ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Σ x² and token counts of the input of every nn.Linear inside the decoder layers, over `sequences`
+    (one forward pass each). The LM head is left out, as llama-imatrix does without --process-output."""
+    import torch
+
+    n_layers = model.config.num_hidden_layers
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(_module, inputs, _output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = sums[name] + (x * x).sum(0) if name in sums else (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return record
+
+    handles = [module.register_forward_hook(hook(gguf_name(name, n_layers)))
+               for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and ".layers." in name]
+    try:
+        with torch.no_grad():
+            for ids in sequences:
+                model(input_ids=torch.tensor([ids]))
+                if progress:
+                    progress(len(ids))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s.cpu().numpy() for n, s in sums.items()}, counts
+
+
+def write(path: str | os.PathLike, imatrix: Imatrix) -> None:
+    """The GGUF imatrix file (call inside an atomic_path block)."""
+    import gguf
+
+    if not imatrix.datasets:
+        raise StageError("an imatrix needs a dataset name (gguf-py drops an empty imatrix.datasets array)")
+    writer = gguf.GGUFWriter(str(path), arch="imatrix")
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", list(imatrix.datasets))
+    writer.add_uint32("imatrix.chunk_count", imatrix.chunk_count)
+    writer.add_uint32("imatrix.chunk_size", imatrix.chunk_size)
+    for name in sorted(imatrix.sums):
+        # numpy (1, ncols) is ggml ne [ncols, 1]: one matrix (no experts)
+        writer.add_tensor(name + SUM2, imatrix.sums[name].astype(np.float32).reshape(1, -1))
+        writer.add_tensor(name + COUNTS, np.array([[imatrix.counts[name]]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def read(path: str | os.PathLike) -> Imatrix:
+    """A GGUF imatrix file back, checked as llama.cpp's loader checks it."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: not a readable GGUF imatrix ({exc}); rerun the imatrix stage") from exc
+    fields = reader.fields
+    missing = [k for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size") if k not in fields]
+    if fields.get("general.type") is None or fields["general.type"].contents() != "imatrix" or missing:
+        raise StageError(f"{path}: not a llama.cpp imatrix (general.type / {', '.join(missing) or 'ok'})")
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    sums = {n.removesuffix(SUM2): v.reshape(-1).astype(np.float64) for n, v in tensors.items() if n.endswith(SUM2)}
+    counts = {n.removesuffix(COUNTS): int(v.reshape(-1)[0]) for n, v in tensors.items() if n.endswith(COUNTS)}
+    if set(sums) != set(counts) or not sums:
+        raise StageError(f"{path}: in_sum2 and counts tensors do not pair up")
+    return Imatrix(sums, counts, list(fields["imatrix.datasets"].contents()),
+                   int(fields["imatrix.chunk_count"].contents()), int(fields["imatrix.chunk_size"].contents()))
+
+
+def c_array(means: dict[str, np.ndarray]) -> tuple[Any, list]:
+    """llama_model_quantize_params.imatrix: a NULL-name-terminated array of {name, data, size}; (array, the
+    buffers it points into, which must outlive the quantize call)."""
+    import ctypes
+
+    import llama_cpp
+
+    keep = []
+    entries = (llama_cpp.llama_model_imatrix_data * (len(means) + 1))()
+    for i, (name, values) in enumerate(sorted(means.items())):
+        buf = np.ascontiguousarray(values, dtype=np.float32)
+        keep += [buf, name.encode()]
+        entries[i].name = keep[-1]
+        entries[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = buf.size
+    entries[len(means)].name = None
+    return entries, keep

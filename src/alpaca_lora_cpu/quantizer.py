@@ -1,0 +1,175 @@
+"""llama.cpp's quantizer (`llama_cpp.llama_model_quantize`) driven by a Plan: a level (ftype), the importance
+matrix, and per-tensor types (token embedding, output, regex overrides). Used by the quantize and search stages;
+every call runs in a child process so a native crash is a one-line error.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from alpaca_lora_cpu.config import RecipeParams
+from alpaca_lora_cpu.errors import StageError
+
+TYPE_NAME = re.compile(r"^(Q[2-8]_(0|1|K|K_[SML])|IQ4_(NL|XS)|IQ3_(S|XXS)|IQ2_(S|XS|XXS)|IQ1_[SM]|F16|BF16)$")
+IMAT = "-imat"
+SEARCHED = "searched"  # the quantize.types entry whose recipe the search stage writes
+# llama.cpp refuses these without an importance matrix ("missing importance matrix for tensor …"): too few bits
+# to quantize blindly.
+NEEDS_IMATRIX = {"iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}
+
+
+def valid_types() -> dict[str, int]:
+    """Quantization names accepted by `--type` (lower case) → llama.cpp ftype constant."""
+    import llama_cpp
+
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    return {name.removeprefix(prefix).lower(): getattr(llama_cpp, name) for name in dir(llama_cpp)
+            if name.startswith(prefix) and TYPE_NAME.match(name.removeprefix(prefix))}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What llama.cpp's quantizer is asked for one quantize.types entry."""
+    name: str                   # the entry: q4_k_m, q4_k_m-imat or a recipe name
+    qtype: str                  # the llama.cpp level (ftype name)
+    imatrix: bool
+    token_embedding: str | None = None  # GGML type names (upper case) or None: the level's choice
+    output: str | None = None
+    overrides: tuple[tuple[str, str], ...] = ()  # (regex on tensor names, GGML type name)
+
+
+def valid_tensor_types() -> dict[str, int]:
+    import llama_cpp
+
+    return {n.removeprefix("GGML_TYPE_"): getattr(llama_cpp, n) for n in dir(llama_cpp)
+            if n.startswith("GGML_TYPE_") and n != "GGML_TYPE_COUNT"}
+
+
+def read_recipe(path: Path) -> RecipeParams:
+    """A recipe file written by the search stage (the fields of a quantize.recipes entry, as JSON)."""
+    import json
+
+    from alpaca_lora_cpu.config import build
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: cannot read the searched recipe ({exc}); run the search stage") from exc
+    return build(RecipeParams, doc, SEARCHED)
+
+
+def plan_for(entry: str, recipes: dict[str, RecipeParams], searched: Path | None = None) -> Plan:
+    """quantize.types entry → Plan: a recipe name, `searched` (the search stage's recipe file), or <type> /
+    <type>-imat (q4_k_m-imat: with the imatrix)."""
+    if entry == SEARCHED and entry not in recipes:
+        if searched is None:
+            raise StageError("quantize.types has `searched` but no --searched recipe file was given")
+        recipes = {SEARCHED: read_recipe(searched)}
+    if entry in recipes:
+        r = recipes[entry]
+        tensor_types = valid_tensor_types()
+        named = [("token_embedding", r.token_embedding), ("output", r.output),
+                 *((f"overrides.{k}", v) for k, v in r.overrides.items())]
+        for key, value in named:
+            if value is not None and value.upper() not in tensor_types:
+                raise StageError(f"quantize.recipes.{entry}.{key}: unknown GGML tensor type {value!r}; valid: "
+                                 f"{', '.join(sorted(t.lower() for t in tensor_types))}")
+        for pattern in r.overrides:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise StageError(f"quantize.recipes.{entry}.overrides: {pattern!r} is not a regex ({exc})") from exc
+        plan = Plan(entry, r.type, r.imatrix, r.token_embedding and r.token_embedding.upper(),
+                    r.output and r.output.upper(), tuple((k, v.upper()) for k, v in r.overrides.items()))
+    else:
+        qtype, imatrix = (entry.removesuffix(IMAT), True) if entry.endswith(IMAT) else (entry, False)
+        plan = Plan(entry, qtype, imatrix)
+    check_type(plan)
+    return plan
+
+
+def check_type(plan: Plan) -> int:
+    types = valid_types()
+    if plan.qtype not in types:
+        raise StageError(f"unknown quantization type {plan.qtype!r} in quantize.types; valid: "
+                         f"{', '.join(sorted(types))} (each also as <type>{IMAT}, with the importance matrix), "
+                         "or a name from quantize.recipes")
+    if plan.qtype in NEEDS_IMATRIX and not plan.imatrix:
+        raise StageError(f"quantize.types: llama.cpp makes {plan.qtype} only with an importance matrix: ask for "
+                         f"{plan.qtype}{IMAT}")
+    return types[plan.qtype]
+
+
+def asked_type(qtype: str) -> str:
+    """The GGML tensor type a level asks for: q4_k_m → Q4_K, q8_0 → Q8_0, iq4_xs → IQ4_XS."""
+    return re.sub(r"_K_[SML]$", "_K", qtype.upper())
+
+
+def _quantize(src: str, dst: str, plan: Plan, nthread: int, imatrix: str | None) -> tuple[int, float, list[str]]:
+    """llama.cpp's quantizer: default params, the plan's level and tensor types, and the importance matrix file
+    if given (runs in a child); (return code, seconds, its log lines)."""
+    import llama_cpp
+
+    from alpaca_lora_cpu.imatrix import c_array, read
+    from alpaca_lora_cpu.llama import captured_stderr
+
+    qp = llama_cpp.llama_model_quantize_default_params()
+    qp.ftype = valid_types()[plan.qtype]
+    qp.nthread = nthread
+    tensor_types = valid_tensor_types()
+    if plan.token_embedding:
+        qp.token_embedding_type = tensor_types[plan.token_embedding]
+    if plan.output:
+        qp.output_tensor_type = tensor_types[plan.output]
+    keep: list = []  # every buffer a C pointer points into must outlive the call
+    if imatrix:
+        entries, keep_im = c_array(read(imatrix).means())
+        keep += [entries, keep_im]
+        qp.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if plan.overrides:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(plan.overrides) + 1))()
+        for i, (pattern, ttype) in enumerate(plan.overrides):
+            keep.append(pattern.encode())
+            overrides[i].pattern = keep[-1]
+            overrides[i].type = tensor_types[ttype]
+        overrides[len(plan.overrides)].pattern = None
+        keep.append(overrides)
+        qp.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    t0 = time.perf_counter()
+    with captured_stderr() as lines:
+        rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(qp))
+    return rc, time.perf_counter() - t0, lines
+
+
+def quantize_file(src: Path, dst: Path, plan: Plan, imatrix: Path | None = None) -> tuple[float, list[str]]:
+    """Quantize in a child process, so a llama.cpp crash is a one-line error; (seconds, llama.cpp's log lines)."""
+    from alpaca_lora_cpu.native import call_in_child
+
+    rc, seconds, lines = call_in_child(_quantize, str(src), str(dst), plan, os.cpu_count() or 1,
+                                       str(imatrix) if imatrix else None, file=src, action="quantizing")
+    if rc != 0 or not dst.is_file():
+        err = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), f"rc={rc}")
+        raise StageError(f"llama.cpp's quantizer failed on {src}: {err.strip()[:200]}")
+    return seconds, lines
+
+
+def imatrix_entries(log_lines: list[str]) -> int:
+    """How many importance-matrix entries llama.cpp says it used (0: none), from its own log."""
+    found = (re.search(r"importance matrix data with (\d+) entries", ln) for ln in log_lines)
+    return next((int(m[1]) for m in found if m), 0)
+
+
+def recipe_type(plan: Plan, name: str) -> str | None:
+    """The GGML type the plan's recipe sets for a tensor (first matching override, then embedding/output)."""
+    for pattern, ttype in plan.overrides:
+        if re.search(pattern, name):
+            return ttype
+    if name.startswith("token_embd") and plan.token_embedding:
+        return plan.token_embedding
+    if name.startswith("output.") and plan.output:
+        return plan.output
+    return None

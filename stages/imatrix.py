@@ -1,0 +1,103 @@
+"""imatrix: the importance matrix of models/merged over calibration text, as a llama.cpp GGUF imatrix file.
+
+Run: python -m stages.imatrix --params params.yaml --merged models/merged --data data/prepared \
+         --out models/imatrix/imatrix.gguf --metrics reports/metrics/imatrix.json
+
+Calibration text (`imatrix.source`): `train` (default: the training split, in the training prompt format,
+prompt + response + EOS, as the model saw it), `val`, or a local Alpaca JSON/JSONL/parquet file. Records are
+taken in order, each cut to `imatrix.chunk_size` tokens, until `imatrix.max_tokens`. The statistics come from
+forward hooks on the merged fp32 checkpoint (src/alpaca_lora_cpu/imatrix.py); the file is what
+`llama-quantize --imatrix` reads, and the quantize stage passes it to llama.cpp's quantizer for the
+`-imat` types. The val split is the evaluation set: calibrating on it would flatter the imatrix variants.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import ImatrixParams, as_dict, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import atomic_path, ensure_writable, read_jsonl, sha256_file, write_json
+
+log = logging.getLogger("imatrix")
+
+
+def calibration_records(source: str, data: Path) -> tuple[list[dict], Path]:
+    """(records, the file they came from)."""
+    if source in ("train", "val"):
+        path = data / f"{source}.jsonl"
+        return read_jsonl(path, f"{source} split", "run the prepare stage first"), path
+    from alpaca_lora_cpu.alpaca_data import clean, read_local
+
+    path = Path(source)
+    if not path.is_file():
+        raise StageError(f"imatrix.source: {source} is neither train, val nor an existing file")
+    records, _ = clean(read_local(path), "drop")
+    return records, path
+
+
+def token_sequences(records: list[dict], tokenizer, template: str, params: ImatrixParams) -> list[list[int]]:
+    """Each record as the model was trained on it, cut to chunk_size, until max_tokens in all."""
+    from alpaca_lora_cpu.training import encode
+
+    out, total = [], 0
+    for record in records:
+        ids = encode(record, tokenizer, template, params.chunk_size, train_on_inputs=True)["input_ids"]
+        ids = ids[:params.max_tokens - total]
+        if len(ids) < 2:
+            break
+        out.append(ids)
+        total += len(ids)
+    if not out:
+        raise StageError("imatrix: no calibration tokens (empty source?)")
+    return out
+
+
+def run(params: ImatrixParams, template: str, merged: Path, data: Path, out: Path) -> dict:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alpaca_lora_cpu.imatrix import Imatrix, collect, write
+
+    records, source_file = calibration_records(params.source, data)
+    if not (merged / "config.json").is_file():
+        raise StageError(f"{merged}: no config.json (run the merge stage first)")
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    sequences = token_sequences(records, tokenizer, template, params)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    t0 = time.time()
+    with tqdm(total=sum(map(len, sequences)), unit="tok", desc="imatrix") as bar:
+        sums, counts = collect(model, sequences, bar.update)
+    seconds = time.time() - t0
+    name = params.source if params.source in ("train", "val") else source_file.name
+    imatrix = Imatrix(sums, counts, [name], len(sequences), max(map(len, sequences)))
+    with atomic_path(out) as tmp:
+        write(tmp, imatrix)
+    return {
+        "tensors": len(sums), "tokens": sum(map(len, sequences)), "chunks": len(sequences),
+        "chunk_size": imatrix.chunk_size, "seconds": seconds, "file_bytes": out.stat().st_size,
+        "calibration_source": name, "calibration_sha256": sha256_file(source_file),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(make_parser(__doc__, "merged", "data", "out", "metrics"), argv)
+    config = load_params(args.params)
+    params = config.imatrix
+    ensure_writable(args.out, args.metrics)
+    from alpaca_lora_cpu.tracking import log_metrics, stage_run
+
+    with stage_run("imatrix", {"imatrix": as_dict(params), "prompt": as_dict(config.prompt)}) as mlflow:
+        metrics = run(params, config.prompt.template, args.merged, args.data, args.out)
+        write_json(args.metrics, metrics)
+        log_metrics(mlflow, metrics)
+        mlflow.log_params({"imatrix.calibration_sha256": metrics["calibration_sha256"]})
+    log.info("imatrix of %d tensors over %d tokens (%d chunks) of %s in %.0f s → %s", metrics["tensors"],
+             metrics["tokens"], metrics["chunks"], metrics["calibration_source"], metrics["seconds"], args.out)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,300 @@
+"""search: a per-tensor-group quantization recipe under a size budget, chosen by measured KLD.
+
+Run: python -m stages.search --params params.yaml --src models/gguf/finetuned-reference.gguf \
+         --imatrix models/imatrix/imatrix.gguf --data data/prepared --out models/search/recipe.json \
+         --candidates reports/search/candidates.csv --metrics reports/metrics/search.json
+
+1. Calibration: `search.calibration_tokens` tokens of the train split (never the val split the report
+   evaluates on), each record prompt + response + EOS. The reference GGUF's next-token distributions on them
+   are kept as top-k summaries (src/alpaca_lora_cpu/metrics.py).
+2. Sensitivity: with every group at q8_0, each group alone is set to each type of `search.types` its rows fit
+   (k-/i-quants need rows divisible by 256; SmolLM2's 576-wide ones take only 32-blocks), quantized with the
+   importance matrix and scored: the mean KLD over all calibration positions.
+3. Knapsack: the KLD increases are taken as additive; a multiple-choice knapsack over the groups' estimated
+   sizes picks the assignments with the smallest total within the budget (`search.budget_mib`, default the
+   stock q4_0 file's size).
+4. Verify: the best `search.verify` assignments are quantized and measured for real; the best one that fits
+   the budget is written as a recipe (the quantize stage builds it as the `searched` entry of quantize.types).
+Every candidate's measurement goes to the candidates CSV and MLflow.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.config import PromptParams, SearchParams, as_dict, load_params
+from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.files import ensure_writable, read_jsonl, write_csv, write_json
+
+log = logging.getLogger("search")
+# Tensor groups (regex on GGUF names). token_embd is also the output matrix of tied models like SmolLM2.
+GROUPS = {
+    "token_embd": r"^(token_embd|output)\.weight$",
+    "attn_qk": r"\.attn_(q|k)\.weight$",
+    "attn_v": r"\.attn_v\.weight$",
+    "attn_output": r"\.attn_output\.weight$",
+    "ffn_gate_up": r"\.ffn_(gate|up)\.weight$",
+    "ffn_down": r"\.ffn_down\.weight$",
+}
+TOP = "Q8_0"  # the groups' type while another group is measured
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    tensors: tuple[tuple[str, int, int], ...]  # (name, ncols, elements)
+    options: dict[str, float]  # GGML type → bytes of the group's tensors in it (only types its rows fit)
+
+
+# ---------------------------------------------------------------- sizes, without quantizing
+
+
+def tensor_bytes(ttype: str, ncols: int, elements: int) -> float | None:
+    """Stored bytes of a tensor in `ttype`, or None when its rows do not divide into the type's blocks."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[ttype]]
+    return None if ncols % block else elements / block * size
+
+
+def build_groups(infos: list, types: tuple[str, ...]) -> tuple[list[Group], float]:
+    """The groups with their size per fitting type, and the bytes of everything outside them (norms, …)."""
+    groups, grouped = [], set()
+    for name, pattern in GROUPS.items():
+        tensors = tuple((t.name, t.shape[0], t.n_elements) for t in infos if re.search(pattern, t.name))
+        if not tensors:
+            continue
+        grouped |= {t[0] for t in tensors}
+        options = {}
+        for ttype in dict.fromkeys([*(t.upper() for t in types), TOP]):
+            sizes = [tensor_bytes(ttype, ncols, n) for _, ncols, n in tensors]
+            if all(s is not None for s in sizes):
+                options[ttype] = float(sum(sizes))
+        groups.append(Group(name, tensors, options))
+    rest = sum(t.n_bytes for t in infos if t.name not in grouped)
+    return groups, float(rest)
+
+
+def recipe_of(assignment: dict[str, str]) -> dict:
+    """A quantize.recipes entry for an assignment {group: GGML type}: q8_0 level, imatrix, per-group overrides."""
+    emb = assignment.get("token_embd", TOP).lower()
+    overrides = {GROUPS[g]: t.lower() for g, t in assignment.items() if g != "token_embd"}
+    return {"type": "q8_0", "imatrix": True, "token_embedding": emb, "output": emb, "overrides": overrides}
+
+
+def knapsack(groups: list[Group], cost: dict[tuple[str, str], float], budget: float, top_n: int,
+             step: int = 64 * 1024) -> list[tuple[float, dict[str, str]]]:
+    """The `top_n` assignments with the smallest summed cost whose summed size fits `budget` bytes
+    (multiple-choice knapsack over sizes rounded up to `step`); [(cost, assignment)], best first."""
+    cap = int(budget) // step
+    frontier: dict[int, list[tuple[float, dict[str, str]]]] = {0: [(0.0, {})]}
+    for g in groups:
+        nxt: dict[int, list[tuple[float, dict[str, str]]]] = {}
+        for used, sols in frontier.items():
+            for ttype, size in g.options.items():
+                u = used + -(-int(np.ceil(size)) // step)  # bytes rounded up to whole steps
+                if u > cap:
+                    continue
+                for c, a in sols:
+                    nxt.setdefault(u, []).append((c + cost[g.name, ttype], {**a, g.name: ttype}))
+        # keep, per size, only the best few: enough for the top_n overall
+        frontier = {u: sorted(s, key=lambda x: x[0])[:top_n] for u, s in nxt.items()}
+        best_cost = sorted(c for s in frontier.values() for c, _ in s)[:top_n * 4]
+        limit = best_cost[-1] if best_cost else 0.0
+        frontier = {u: [x for x in s if x[0] <= limit] for u, s in frontier.items()}
+    ranked = sorted((x for s in frontier.values() for x in s), key=lambda x: x[0])
+    unique, seen = [], set()
+    for c, a in ranked:
+        key = tuple(sorted(a.items()))
+        if key not in seen:
+            seen.add(key)
+            unique.append((c, a))
+    return unique[:top_n]
+
+
+# ---------------------------------------------------------------- measuring (in child processes)
+
+
+def _reference(src: str, texts: list[str], max_tokens: int, top_k: int, out: str, threads: int) -> int:
+    """Tokenize the calibration texts with the GGUF's tokenizer, keep the reference's top-k summaries."""
+    from alpaca_lora_cpu.llama import all_logits, open_llama, tokenize
+    from alpaca_lora_cpu.metrics import log_probs, top_k_summary
+
+    seqs, total = [], 0
+    with open_llama(src, n_ctx=1024, threads=threads, logits_all=True) as llm:
+        for text in texts:
+            ids = tokenize(llm, text)[:512]
+            ids = ids[:max_tokens - total]
+            if len(ids) < 2:
+                break
+            seqs.append(ids)
+            total += len(ids)
+        parts = [top_k_summary(log_probs(all_logits(llm, ids)[:-1]), np.array(ids[1:]), top_k) for ids in seqs]
+    np.savez(out, lengths=np.array([len(s) for s in seqs]), ids=np.concatenate([np.array(s) for s in seqs]),
+             top_ids=np.concatenate([p.ids for p in parts]), top_logp=np.concatenate([p.logp for p in parts]),
+             tail=np.concatenate([p.tail_logp for p in parts]), target=np.concatenate([p.target_logp for p in parts]))
+    return total
+
+
+def _measure_all(src: str, dst: str, plans: list, imatrix: str, ref: str, threads: int, desc: str
+                 ) -> list[tuple[float, int]]:
+    """`_measure` for each plan, in one child process (one interpreter start for the whole batch)."""
+    from tqdm import tqdm
+
+    return [_measure(src, dst, plan, imatrix, ref, threads) for plan in tqdm(plans, desc=desc, unit="candidate")]
+
+
+def _measure(src: str, dst: str, plan, imatrix: str, ref: str, threads: int) -> tuple[float, int]:
+    """Quantize `plan` and score it: (mean KLD against the reference over the calibration positions, bytes)."""
+    from alpaca_lora_cpu.llama import all_logits, open_llama
+    from alpaca_lora_cpu.metrics import TopK, kld_top_k, log_probs
+    from alpaca_lora_cpu.quantizer import _quantize
+
+    rc, _, lines = _quantize(src, dst, plan, threads, imatrix)
+    if rc != 0:
+        raise StageError(f"llama.cpp's quantizer failed on a search candidate: {(lines or ['?'])[-1][:200]}")
+    z = np.load(ref)
+    klds, start, pos = [], 0, 0
+    with open_llama(dst, n_ctx=1024, threads=threads, logits_all=True) as llm:
+        for n in z["lengths"]:
+            ids = z["ids"][start:start + n].tolist()
+            sl = slice(pos, pos + n - 1)
+            ref_k = TopK(z["top_ids"][sl], z["top_logp"][sl], z["tail"][sl], z["target"][sl])
+            klds.append(kld_top_k(ref_k, log_probs(all_logits(llm, ids)[:-1])))
+            start, pos = start + n, pos + n - 1
+    check_types(dst, plan)
+    size = os.path.getsize(dst)
+    os.remove(dst)
+    return float(np.mean(np.concatenate(klds))), size
+
+
+def check_types(path: str, plan) -> None:
+    """Every grouped tensor got the type the plan asks: llama.cpp may override a request it cannot honour."""
+    from alpaca_lora_cpu.gguf_files import tensor_infos
+    from alpaca_lora_cpu.quantizer import recipe_type
+
+    wrong = [(t.name, t.type, want) for t in tensor_infos(path)
+             if (want := recipe_type(plan, t.name)) is not None and t.type != want]
+    if wrong:
+        name, got, want = wrong[0]
+        raise StageError(f"llama.cpp stored {name} as {got}, not the {want} the candidate asks "
+                         f"({len(wrong)} tensor(s) differ)")
+
+
+# ---------------------------------------------------------------- the search
+
+
+def calibration_texts(data: Path) -> list[str]:
+    """Train records as Alpaca prompt + response: KLD is compared between candidates on the same text, so the
+    layout need not be `prompt.template`'s (a chat template would need the tokenizer here)."""
+    from alpaca_lora_cpu.prompts import render_record
+
+    records = read_jsonl(data / "train.jsonl", "train split", "run the prepare stage first")
+    return [render_record("alpaca", r) + r["output"] for r in records]
+
+
+def stock_q4_0_bytes(src: Path, work: Path, threads: int) -> int:
+    from alpaca_lora_cpu.native import call_in_child
+    from alpaca_lora_cpu.quantizer import Plan, _quantize
+
+    dst = work / "stock-q4_0.gguf"
+    rc, _, _ = call_in_child(_quantize, str(src), str(dst), Plan("q4_0", "q4_0", False), threads, None, file=src,
+                             action="quantizing q4_0 for the budget")
+    if rc != 0:
+        raise StageError(f"llama.cpp could not quantize {src} to q4_0 for the search budget")
+    size = dst.stat().st_size
+    dst.unlink()
+    return size
+
+
+def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, data: Path, mlflow=None
+        ) -> tuple[dict, list[dict], dict]:
+    """(recipe, candidate rows, metrics)."""
+    from alpaca_lora_cpu.gguf_files import tensor_infos
+    from alpaca_lora_cpu.native import call_in_child
+    from alpaca_lora_cpu.quantizer import Plan
+
+    if not imatrix.is_file():
+        raise StageError(f"{imatrix} not found: run the imatrix stage first")
+    threads = os.cpu_count() or 1
+    started = time.time()
+    groups, rest = build_groups(tensor_infos(src), params.types)
+    with tempfile.TemporaryDirectory(prefix="search-", dir=src.parent) as tmp:
+        work = Path(tmp)
+        budget = params.budget_mib * MIB if params.budget_mib else stock_q4_0_bytes(src, work, threads)
+        ref = str(work / "reference.npz")
+        tokens = call_in_child(_reference, str(src), calibration_texts(data),
+                               params.calibration_tokens, params.top_k, ref, threads, file=src,
+                               action="scoring the reference")
+        log.info("budget %.1f MiB; %d calibration tokens; groups: %s", budget / MIB, tokens,
+                 ", ".join(f"{g.name} ({'/'.join(t.lower() for t in g.options)})" for g in groups))
+        rows: list[dict] = []
+
+        def measure(assignments: list[dict[str, str]], phase: str) -> list[tuple[float, int]]:
+            plans = []
+            for i, assignment in enumerate(assignments):
+                recipe = recipe_of(assignment)
+                plans.append(Plan(f"{phase}-{i}", "q8_0", True, recipe["token_embedding"].upper(),
+                                  recipe["output"].upper(),
+                                  tuple((k, v.upper()) for k, v in recipe["overrides"].items())))
+            results = call_in_child(_measure_all, str(src), str(work / "candidate.gguf"), plans, str(imatrix), ref,
+                                    threads, f"search {phase}", file=src, action=f"measuring search {phase} candidates")
+            for assignment, (kld, size) in zip(assignments, results, strict=True):
+                rows.append({"phase": phase, **{g.name: assignment.get(g.name, TOP).lower() for g in groups},
+                             "size_mib": size / MIB, "kld_mean": kld})
+                if mlflow is not None:
+                    mlflow.log_metrics({"search_kld": kld, "search_mib": size / MIB}, step=len(rows))
+            return results
+
+        jobs = [(g.name, t) for g in groups for t in g.options if t != TOP]
+        # first the baseline (all q8_0), then each group alone at each of its other types
+        results = measure([{}] + [{gname: ttype} for gname, ttype in jobs], "sensitivity")
+        base_kld = results[0][0]
+        cost = {(g.name, TOP): 0.0 for g in groups}
+        for (gname, ttype), (kld, _) in zip(jobs, results[1:], strict=True):
+            cost[gname, ttype] = max(kld - base_kld, 0.0)
+        solutions = knapsack(groups, cost, budget - rest, params.verify)
+        if not solutions:
+            raise StageError(f"no assignment of search.types fits {budget / MIB:.1f} MiB (the smallest needs "
+                             f"{(rest + sum(min(g.options.values()) for g in groups)) / MIB:.1f} MiB)")
+        checked = measure([a for _, a in solutions], "verify")
+        verified = [(kld, size, predicted, a) for (kld, size), (predicted, a) in zip(checked, solutions, strict=True)]
+    fitting = [v for v in verified if v[1] <= budget] or sorted(verified, key=lambda v: v[1])[:1]
+    kld, size, predicted, best = min(fitting, key=lambda v: v[0])
+    recipe = recipe_of(best)
+    metrics = {"budget_mib": budget / MIB, "calibration_tokens": tokens, "candidates": len(rows),
+               "baseline_kld": base_kld, "winner_kld": kld, "winner_predicted_kld": base_kld + predicted,
+               "winner_mib": size / MIB, "winner_fits_budget": int(size <= budget), "seconds": time.time() - started}
+    log.info("winner: %s — %.1f MiB, calibration KLD %.4f", ", ".join(f"{g}={t.lower()}" for g, t in best.items()),
+             size / MIB, kld)
+    return recipe, rows, metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(make_parser(__doc__, "src", "imatrix", "data", "out", "candidates", "metrics"), argv)
+    config = load_params(args.params)
+    ensure_writable(args.out, args.candidates, args.metrics)
+    from alpaca_lora_cpu.tracking import log_metrics, stage_run
+
+    with stage_run("search", {"search": as_dict(config.search), "prompt": as_dict(config.prompt)}) as mlflow:
+        recipe, rows, metrics = run(config.search, config.prompt, args.src, args.imatrix, args.data, mlflow)
+        write_csv(args.candidates, rows, list(rows[0]))
+        write_json(args.out, recipe)
+        write_json(args.metrics, metrics)
+        log_metrics(mlflow, metrics)
+        mlflow.log_dict(recipe, "recipe.json")
+        mlflow.log_artifact(str(args.candidates))
+    log.info("recipe → %s (%d candidates in %.0f s)", args.out, metrics["candidates"], metrics["seconds"])
+
+
+if __name__ == "__main__":
+    run_cli(main)

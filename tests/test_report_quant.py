@@ -1,0 +1,66 @@
+"""report: the imatrix / i-quant / recipe part — plain vs imatrix per level, the best variant per size, targets."""
+from __future__ import annotations
+
+import pytest
+
+from alpaca_lora_cpu.config import ReportParams
+from stages.report import best_within, imatrix_targets, kind, quantization_section
+
+GOAL = ReportParams(q8_max_kld=0.005, q8_min_top1=0.95, q4_min_speedup=5.0, ppl_ratio_max=0.95,
+                    imatrix_min_kld_cut=0.25, q4_0_size_max_kld=0.10, q4_k_m_imat_max_kld=0.04,
+                    search_min_kld_cut=0.15, budget_variants=("q4_0", "q4_k_m", "q8_0"))
+
+
+def m(size, kld, top1=0.8):
+    return {"size_mb": size, "kld_mean": kld, "top1_agreement": top1}
+
+
+VARIANTS = {
+    "base": m(270, 0.9), "finetuned": m(270, 0.0, 1.0), "q8_0": m(145, 0.004, 0.97),
+    "q4_k_m": m(105, 0.055), "q4_0": m(92, 0.30), "q2_k": m(88, 0.41),
+    "q4_k_m-imat": m(105, 0.032), "q4_0-imat": m(92, 0.18), "q2_k-imat": m(88, 0.33),
+    "iq4_xs-imat": m(91, 0.09), "searched": m(91.5, 0.06),
+}
+
+
+def test_kinds_by_name():
+    recipes = {"searched", "emb-q4"}
+    assert [kind(v, recipes) for v in ("finetuned", "q4_0", "q4_0-imat", "iq4_xs-imat", "emb-q4", "searched")] == \
+        ["reference", "plain", "imatrix", "i-quant", "recipe", "recipe"]
+
+
+def test_best_within_a_size_ignores_base_and_reference():
+    assert best_within(VARIANTS, 92) == "searched" and best_within(VARIANTS, 91) == "iq4_xs-imat"
+    assert best_within(VARIANTS, 145) == "q8_0"
+
+
+def test_targets_state_each_cut_and_which_fail():
+    goals = {g["target"]: g for g in imatrix_targets(VARIANTS, GOAL, {"searched"})}
+    q4 = goals["the imatrix lowers q4_0's mean KLD by ≥ 25%"]
+    assert q4["met"] is True and q4["numbers"] == "0.3000 → 0.1800 (-40%)"
+    assert goals["the imatrix lowers q2_k's mean KLD by ≥ 25%"]["met"] is False  # 0.41 → 0.33 is -20%
+    assert goals["best variant no larger than q4_0: mean KLD ≤ 0.1"]["numbers"].startswith("searched: 0.0600")
+    assert goals["q4_k_m-imat mean KLD ≤ 0.04"]["met"] is True
+    search = next(g for t, g in goals.items() if t.startswith("searched recipe"))
+    # the stock -imat rivals no larger than 91.5 MB: iq4_xs-imat (0.09) and q2_k-imat; 0.06 is 33% below 0.09
+    assert search["met"] is True and "vs iq4_xs-imat 0.0900" in search["numbers"] and "(-33%)" in search["numbers"]
+
+
+def test_missing_pairs_are_not_measured_not_missed():
+    goals = imatrix_targets({"finetuned": m(270, 0), "q4_0": m(92, 0.3)}, GOAL, set())
+    assert [g["met"] for g in goals[:3]] == [None, None, None]
+
+
+def test_section_names_the_calibration_and_recommends_per_budget():
+    text = quantization_section(VARIANTS, GOAL.budget_variants,
+                                {"tokens": 19000, "chunks": 160, "calibration_source": "train",
+                                 "calibration_sha256": "ab" * 32}, {})
+    assert "19000 tokens (160 records) of `train`" in text
+    assert "| q4_0 | 92.0 | 0.3000 | 0.1800 | -40% |" in text
+    assert "- ≤ q4_0 (92.0 MB): **searched**" in text and "- ≤ q8_0 (145.0 MB): **q8_0**" in text
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1])
+def test_cut_params_are_shares(bad):
+    with pytest.raises(ValueError, match="report.imatrix_min_kld_cut must be in"):
+        ReportParams(**{**GOAL.__dict__, "imatrix_min_kld_cut": bad})

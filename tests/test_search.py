@@ -1,0 +1,39 @@
+"""search: group sizes from tensor shapes, the knapsack's choice under a budget, recipes the quantizer takes."""
+from __future__ import annotations
+
+import pytest
+
+from alpaca_lora_cpu.gguf_files import TensorInfo
+from stages.search import GROUPS, MIB, Group, build_groups, knapsack, recipe_of, tensor_bytes
+
+
+def test_sizes_follow_block_geometry():
+    assert tensor_bytes("Q8_0", 576, 576 * 10) == 576 * 10 / 32 * 34
+    assert tensor_bytes("Q4_K", 576, 576 * 10) is None  # 576 is not a multiple of 256
+    assert tensor_bytes("Q4_K", 1536, 1536 * 10) == 1536 * 10 / 256 * 144
+
+
+def test_groups_offer_only_the_types_their_rows_fit():
+    infos = [TensorInfo("token_embd.weight", "F16", (576, 100), 57600, 115200),
+             TensorInfo("blk.0.attn_q.weight", "F16", (576, 576), 576 * 576, 2 * 576 * 576),
+             TensorInfo("blk.0.ffn_down.weight", "F16", (1536, 576), 1536 * 576, 2 * 1536 * 576),
+             TensorInfo("blk.0.attn_norm.weight", "F32", (576,), 576, 2304)]
+    groups, rest = build_groups(infos, ("q4_k", "q4_0", "q8_0"))
+    by = {g.name: g for g in groups}
+    assert set(by) == {"token_embd", "attn_qk", "ffn_down"} and rest == 2304
+    assert set(by["attn_qk"].options) == {"Q4_0", "Q8_0"} and set(by["ffn_down"].options) == {"Q4_K", "Q4_0", "Q8_0"}
+
+
+def test_knapsack_spends_the_budget_where_it_lowers_kld_most():
+    groups = [Group("a", (), {"Q8_0": 8 * MIB, "Q4_0": 4 * MIB}), Group("b", (), {"Q8_0": 8 * MIB, "Q4_0": 4 * MIB})]
+    cost = {("a", "Q8_0"): 0.0, ("a", "Q4_0"): 0.30, ("b", "Q8_0"): 0.0, ("b", "Q4_0"): 0.05}
+    best = knapsack(groups, cost, 12 * MIB, top_n=3)
+    assert best[0] == (pytest.approx(0.05), {"a": "Q8_0", "b": "Q4_0"})  # 12 MiB: only one group can stay at q8_0
+    assert [a for _, a in best] == [{"a": "Q8_0", "b": "Q4_0"}, {"a": "Q4_0", "b": "Q8_0"}, {"a": "Q4_0", "b": "Q4_0"}]
+    assert knapsack(groups, cost, 7 * MIB, top_n=3) == []  # not even the smallest assignment fits
+
+
+def test_a_recipe_sets_the_tied_embedding_both_ways_and_overrides_by_group():
+    recipe = recipe_of({"token_embd": "Q4_0", "ffn_down": "Q6_K"})
+    assert recipe == {"type": "q8_0", "imatrix": True, "token_embedding": "q4_0", "output": "q4_0",
+                      "overrides": {GROUPS["ffn_down"]: "q6_k"}}
