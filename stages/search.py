@@ -106,11 +106,9 @@ def knapsack(groups: list[Group], cost: dict[tuple[str, str], float], budget: fl
                     continue
                 for c, a in sols:
                     nxt.setdefault(u, []).append((c + cost[g.name, ttype], {**a, g.name: ttype}))
-        # keep, per size, only the best few: enough for the top_n overall
+        # keep, per size, only the best few: enough for the top_n overall (no pruning across sizes: the cheapest
+        # partial assignments are the largest, and may not leave room for the groups still to come)
         frontier = {u: sorted(s, key=lambda x: x[0])[:top_n] for u, s in nxt.items()}
-        best_cost = sorted(c for s in frontier.values() for c, _ in s)[:top_n * 4]
-        limit = best_cost[-1] if best_cost else 0.0
-        frontier = {u: [x for x in s if x[0] <= limit] for u, s in frontier.items()}
     ranked = sorted((x for s in frontier.values() for x in s), key=lambda x: x[0])
     unique, seen = [], set()
     for c, a in ranked:

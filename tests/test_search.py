@@ -37,3 +37,11 @@ def test_a_recipe_sets_the_tied_embedding_both_ways_and_overrides_by_group():
     recipe = recipe_of({"token_embd": "Q4_0", "ffn_down": "Q6_K"})
     assert recipe == {"type": "q8_0", "imatrix": True, "token_embedding": "q4_0", "output": "q4_0",
                       "overrides": {GROUPS["ffn_down"]: "q6_k"}}
+
+
+def test_knapsack_finds_the_small_assignments_when_the_free_ones_do_not_fit():
+    """Six groups, q8_0 costs nothing but only one group can afford it: the search must still find a solution."""
+    groups = [Group(f"g{i}", (), {"Q8_0": 8 * MIB, "Q4_0": 4 * MIB}) for i in range(6)]
+    cost = {(f"g{i}", t): (0.0 if t == "Q8_0" else 0.1 * (i + 1)) for i in range(6) for t in ("Q8_0", "Q4_0")}
+    (best,) = knapsack(groups, cost, 28 * MIB, top_n=1)
+    assert best[1] == {"g0": "Q4_0", "g1": "Q4_0", "g2": "Q4_0", "g3": "Q4_0", "g4": "Q4_0", "g5": "Q8_0"}
