@@ -13,6 +13,7 @@ log says); the k-quant mixes (_M/_S/_L) deliberately give some tensors more bits
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     from alpaca_lora_cpu.tracking import log_metrics, stage_run
 
     recipe = params.quantize.recipes.get(args.type) or (read_recipe(args.searched) if args.type == SEARCHED else None)
-    with stage_run("quantize", {"quantize": {"type": args.type, **({"recipe": as_dict(recipe)} if recipe else {})},
+    # MLflow param names cannot hold regex characters: the overrides go in as one JSON value
+    logged = {**as_dict(recipe), "overrides": json.dumps(recipe.overrides)} if recipe else None
+    with stage_run("quantize", {"quantize": {"type": args.type, **({"recipe": logged} if logged else {})},
                                 "prompt": as_dict(prompt), "generate": {"stop": list(params.generate.stop)}},
                    run_name=f"quantize@{args.type}") as mlflow:
         metrics = run(plan, prompt, args.src, args.out, args.modelfile, params.generate.stop, args.imatrix)

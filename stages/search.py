@@ -225,7 +225,10 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
         raise StageError(f"{imatrix} not found: run the imatrix stage first")
     threads = os.cpu_count() or 1
     started = time.time()
-    groups, rest = build_groups(tensor_infos(src), params.types)
+    infos = tensor_infos(src)
+    groups, rest = build_groups(infos, params.types)
+    # the file also holds metadata (the tokenizer's vocabulary, …) and alignment: count it against the budget
+    rest += src.stat().st_size - sum(t.n_bytes for t in infos)
     with tempfile.TemporaryDirectory(prefix="search-", dir=src.parent) as tmp:
         work = Path(tmp)
         budget = params.budget_mib * MIB if params.budget_mib else stock_q4_0_bytes(src, work, threads)

@@ -15,7 +15,7 @@ from helpers import copy_repo, dvc, shrink_params
 from alpaca_lora_cpu.files import sha256_file
 
 pytestmark = pytest.mark.slow
-SMALL_QUANTS = ["q8_0", "q4_0"]
+SMALL_QUANTS = ["q8_0", "q4_0", "q4_0-imat", "searched"]  # a stock level, its imatrix twin, the searched recipe
 
 
 @pytest.fixture(scope="module")
