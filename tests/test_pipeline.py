@@ -54,6 +54,14 @@ def test_every_stage_ran_and_its_gates_passed(pipeline):
         assert ev["variant"] == variant
     report = (pipeline / "reports/report.md").read_text()
     assert "Building a website can be done in 10 simple steps:" in report and "q4_0" in report
+    # issue 13: the imatrix reaches llama.cpp, the searched recipe fits its budget, the report compares them
+    imatrix = metrics(pipeline, "imatrix.json")
+    assert imatrix["tensors"] == 210 and imatrix["tokens"] > 0 and imatrix["calibration_source"] == "train"
+    quant = {q: metrics(pipeline, f"quantize/{q}.json") for q in SMALL_QUANTS}
+    assert quant["q4_0"]["imatrix"] == 0 and quant["q4_0-imat"]["imatrix_entries"] == 210
+    search = metrics(pipeline, "search.json")
+    assert quant["searched"]["recipe"] == 1 and quant["searched"]["file_mib"] <= search["budget_mib"]
+    assert "## Quantization: importance matrix" in report and "| q4_0 |" in report
 
 
 @pytest.mark.repro
@@ -91,7 +99,8 @@ def test_mlflow_groups_stage_and_variant_runs(pipeline):
     names = {r.data.tags["dvc_stage"] for r in stages}
     assert {"base", "prepare", "finetune", "merge", "convert", "quantize", "reference", "evaluate",
             "report"} <= {n.split("@")[0] for n in names}
-    assert len([r for r in stages if r.data.tags["dvc_stage"].startswith("evaluate")]) == 4
+    assert len([r for r in stages if r.data.tags["dvc_stage"].startswith("evaluate")]) == 2 + len(SMALL_QUANTS)
+    assert {"imatrix", "search"} <= names
     prep = next(r for r in stages if r.data.tags["dvc_stage"] == "prepare")
     assert prep.data.params["data.fraction"] == "0.01"
     assert prep.data.tags["source_used"] == "data/sample/alpaca_sample.json"
