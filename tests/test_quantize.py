@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 from helpers import run_module
 
 from alpaca_lora_cpu.config import PromptParams
@@ -70,9 +71,15 @@ def test_each_type_is_its_own_dvc_stage(repo_copy, tiny_gguf):
     gguf = repo_copy / "models/gguf/finetuned-reference.gguf"
     gguf.parent.mkdir(parents=True)
     shutil.copy(tiny_gguf, gguf)
+    # quantize@<type> also depends on the imatrix and the searched recipe; plain types read neither
+    (repo_copy / "models/imatrix").mkdir(parents=True)
+    (repo_copy / "models/imatrix/imatrix.gguf").write_bytes(b"unused by plain levels")
+    (repo_copy / "models/search").mkdir(parents=True)
+    (repo_copy / "models/search/recipe.json").write_text("{}")
     params = repo_copy / "params.yaml"
-    params.write_text(params.read_text().replace("types: [q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m, q2_k]",
-                                                 "types: [q4_0]"))
+    doc = yaml.safe_load(params.read_text())
+    doc["quantize"]["types"] = ["q4_0"]
+    params.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     def dvc(*args):
         proc = subprocess.run(env_dvc + list(args), cwd=repo_copy, capture_output=True, text=True, timeout=600)
@@ -81,14 +88,14 @@ def test_each_type_is_its_own_dvc_stage(repo_copy, tiny_gguf):
 
     dvc("repro", "--single-item", "quantize@q4_0")
     assert json.loads((repo_copy / "reports/metrics/quantize/q4_0.json").read_text())["type"] == "q4_0"
-    params.write_text(params.read_text().replace("types: [q4_0]", "types: [q4_0, q8_0]"))
+    doc["quantize"]["types"] = ["q4_0", "q8_0"]
+    params.write_text(yaml.safe_dump(doc, sort_keys=False))
     status = dvc("status", "quantize@q4_0")
     assert "up to date" in status or status.strip() == "", status
     assert "quantize@q8_0" in dvc("stage", "list")
-    import yaml
-
     lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]["quantize@q4_0"]
-    assert "quantize" not in lock.get("params", {}).get("params.yaml", {})
+    used = set(lock.get("params", {}).get("params.yaml", {}))
+    assert "quantize.types" not in used and "quantize" not in used and "quantize.recipes" in used
     # ...while a param it does use still invalidates it (the status check above is not vacuous).
     params.write_text(params.read_text().replace("template: alpaca", "template: chat"))
     assert "changed" in dvc("status", "quantize@q4_0")
