@@ -22,7 +22,7 @@ from typing import Literal
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import BaseParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.files import atomic_path, ensure_writable, sha256_files, write_json
+from alpaca_lora_cpu.files import atomic_path, ensure_writable, sha256_files
 from alpaca_lora_cpu.hub import hub_reachable
 
 log = logging.getLogger("base")
@@ -159,18 +159,21 @@ def run(params: BaseParams, out_dir: Path) -> dict:
     }
 
 
+# The DVC metric (flat numbers); the whole record goes to base.details.json.
+METRICS = ["parameters", "vocab_size"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "out", "metrics")
     args = parse_args(ap, argv)
     params = load_params(args.params).base
     ensure_writable(args.out, args.metrics)
     check_architecture(resolve(params.model), params.trust_remote_code)  # fail before tracking opens
-    from alpaca_lora_cpu.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     with stage_run("base", {"base": as_dict(params)}) as mlflow:
         metrics = run(params, args.out)
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, metrics)
+        write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
         mlflow.log_artifact(str(args.out / "config.json"))
     log.info("base model: %s, %d parameters → %s", metrics["architecture"], metrics["parameters"], args.out)
 

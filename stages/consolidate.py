@@ -169,6 +169,12 @@ def run(params: ExportParams, prompt: PromptParams, merged: Path, val: Path, out
     return metrics
 
 
+# The flat numbers (consolidate.json); the whole record goes to consolidate.details.json. A skipped run has
+# only `skipped`.
+METRICS = {"skipped": "skipped", "max_abs_logit_diff": "roundtrip.max_abs_logit_diff",
+           "top1_agreement": "roundtrip.top1_agreement", "tensors": "tensors", "gates_passed": "gates_passed"}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "merged", "val", "out", "metrics")
     args = parse_args(ap, argv)
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     from alpaca_lora_cpu.tracking import stage_run
 
     with stage_run("consolidate", {"export": as_dict(params), "prompt": as_dict(prompt)}) as mlflow:
-        metrics = run_gated(mlflow, args.metrics, lambda: run(params, prompt, args.merged, args.val, args.out))
+        metrics = run_gated(mlflow, args.metrics, METRICS, lambda: run(params, prompt, args.merged, args.val, args.out))
     log.info("consolidate: %s", "skipped" if metrics["skipped"] else
              f"round-trip max |Δlogit| {metrics['roundtrip']['max_abs_logit_diff']:.2e} → {args.out}")
 

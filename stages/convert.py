@@ -114,10 +114,17 @@ def run(params: ConvertParams, prompt: PromptParams, model_dir: Path, val: Path,
     with atomic_path(out) as tmp:
         seconds = convert_hf(model_dir, tmp, params.outtype)
         metrics = {"source": str(model_dir), "outtype": params.outtype, "file_bytes": tmp.stat().st_size,
+                   "size_mb": tmp.stat().st_size / 1e6,
                    "convert_seconds": seconds, **gguf_gates(tmp, model_dir, texts, params)}
         if not metrics["gates_passed"]:
             raise GateFailure(metrics, gate_message(metrics, params, out))
     return metrics
+
+
+# The flat numbers (convert/<source>.json); the whole record goes to convert/<source>.details.json.
+METRICS = {"size_mb": "size_mb", "bits_per_weight": "bits_per_weight",
+           "max_abs_logit_diff": "logits.max_abs_logit_diff", "top1_agreement": "logits.top1_agreement",
+           "gates_passed": "gates_passed", "seconds": "convert_seconds"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with stage_run("convert", {"convert": as_dict(params), "prompt": as_dict(prompt)},
                    run_name=f"convert@{args.source}") as mlflow:
-        metrics = run_gated(mlflow, args.metrics, lambda: run(params, prompt, args.model, args.val, args.out))
+        metrics = run_gated(mlflow, args.metrics, METRICS, lambda: run(params, prompt, args.model, args.val, args.out))
     log.info("%s → %s (%s, %.1f MiB): top-1 agreement %.4f, mean |Δ log-prob| %.4f", args.model, args.out,
              params.outtype, metrics["file_bytes"] / 2**20, metrics["logits"]["top1_agreement"],
              metrics["logits"]["mean_abs_logprob_diff"])

@@ -25,7 +25,7 @@ import numpy as np
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import REFERENCE_VARIANT, EvaluateParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.files import read_json, read_jsonl, sha256_file, write_json, write_jsonl
+from alpaca_lora_cpu.files import read_json, read_jsonl, sha256_file, write_jsonl
 from alpaca_lora_cpu.metrics import repeats_ngram
 from alpaca_lora_cpu.prompts import cut_at_stop, leaks_template, stop_sequences
 
@@ -157,6 +157,13 @@ def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams, templa
     return metrics, rows
 
 
+# The DVC metric: the same flat keys for every variant (rows of `dvc metrics show`, one chart each in MLflow).
+# The whole record (speed runs, ROUGE-L, hashes, llama.cpp build) goes to evaluate/<variant>.details.json.
+METRICS = {"ppl": "ppl", "kld_mean": "kld_mean", "top1": "top1_agreement", "size_mb": "size_mb",
+           "bits_per_weight": "bits_per_weight", "gen_tps": "speed.gen_tps", "stop_rate": "eos_stop_rate",
+           "leak_rate": "template_leak_rate", "loop_rate": "repetition_rate"}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "gguf", "reference", "metrics", "generations")
     ap.add_argument("--variant", required=True)
@@ -164,16 +171,17 @@ def main(argv: list[str] | None = None) -> None:
     config = load_params(args.params)
     params = config.evaluate
     ref = check_inputs(args.variant, args.gguf, args.reference, params)
-    from alpaca_lora_cpu.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.quantizer import describe
+    from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
-    logged = {"variant": args.variant, "gguf": str(args.gguf), "threads": params.threads,
-              "max_new_tokens": params.max_new_tokens, "speed": as_dict(params.speed),
+    imatrix, recipe = describe(args.variant, config.quantize.recipes)
+    logged = {"variant": args.variant, "imatrix": imatrix, "recipe": recipe, "gguf": str(args.gguf),
+              "threads": params.threads, "max_new_tokens": params.max_new_tokens, "speed": as_dict(params.speed),
               "prompt": as_dict(config.prompt), "generate": {"stop": list(config.generate.stop)}}
     with stage_run("evaluate", logged, run_name=f"evaluate {args.variant}") as mlflow:
         metrics, rows = run(args.variant, args.gguf, ref, params, config.prompt.template, config.generate.stop)
         write_jsonl(args.generations, rows)
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "llama_cpp"})
+        write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
         mlflow.set_tags({"variant": args.variant, "eval_run_id": metrics["run_id"]})
         mlflow.log_artifact(str(args.generations))
     log.info("%s: PPL %.3f, KLD %.5f, top-1 %.1f%%, gen %.1f tok/s", args.variant, metrics["ppl"],

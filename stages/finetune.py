@@ -30,7 +30,7 @@ from alpaca_lora_cpu.checkpoints import FINGERPRINT, check_adapter, find_resume,
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import FinetuneParams, PromptParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.files import atomic_path, read_jsonl, write_csv, write_json, write_text
+from alpaca_lora_cpu.files import atomic_path, read_jsonl, write_csv, write_text
 from alpaca_lora_cpu.launch import check_world, config_file, relaunch, world
 from alpaca_lora_cpu.training import (
     check_bitsandbytes,
@@ -238,6 +238,10 @@ def run(params: FinetuneParams, prompt: PromptParams, paths: Paths, splits: tupl
     }
 
 
+# The DVC metric (flat numbers, one row of `dvc metrics show`); the whole record goes to finetune.details.json.
+METRICS = {"eval_loss": "eval_loss", "ppl": "eval_perplexity"}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "base", "data", "out", "checkpoints", "metrics", "plots", "accelerate_configs")
     args = parse_args(ap, argv)
@@ -251,12 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     if world()[0] != 0:  # only rank 0 tracks and writes; the other ranks just train
         run(params, prompt, paths, splits)
         return
-    from alpaca_lora_cpu.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     with stage_run("finetune", {"finetune": as_dict(params), "prompt": as_dict(prompt)}) as mlflow:
         metrics = run(params, prompt, paths, splits, mlflow)
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, metrics)
+        write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
         mlflow.log_artifacts(str(args.out), artifact_path="adapter")
         mlflow.log_artifact(str(args.plots / "loss.png"), artifact_path="plots")
     log.info("adapter → %s: eval loss %.4f (ppl %.2f) after %d steps, %s non-pad tokens/s, %.0f s",

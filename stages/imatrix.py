@@ -19,7 +19,7 @@ from pathlib import Path
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import ImatrixParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.files import atomic_path, ensure_writable, read_jsonl, sha256_file, write_json
+from alpaca_lora_cpu.files import atomic_path, ensure_writable, read_jsonl, sha256_file
 
 log = logging.getLogger("imatrix")
 
@@ -83,17 +83,20 @@ def run(params: ImatrixParams, template: str, merged: Path, data: Path, out: Pat
     }
 
 
+# The flat numbers (imatrix.json); the whole record goes to imatrix.details.json.
+METRICS = ["tokens", "chunks", "tensors", "seconds"]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(make_parser(__doc__, "merged", "data", "out", "metrics"), argv)
     config = load_params(args.params)
     params = config.imatrix
     ensure_writable(args.out, args.metrics)
-    from alpaca_lora_cpu.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     with stage_run("imatrix", {"imatrix": as_dict(params), "prompt": as_dict(config.prompt)}) as mlflow:
         metrics = run(params, config.prompt.template, args.merged, args.data, args.out)
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, metrics)
+        write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
         mlflow.log_params({"imatrix.calibration_sha256": metrics["calibration_sha256"]})
     log.info("imatrix of %d tensors over %d tokens (%d chunks) of %s in %.0f s → %s", metrics["tensors"],
              metrics["tokens"], metrics["chunks"], metrics["calibration_source"], metrics["seconds"], args.out)

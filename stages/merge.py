@@ -174,6 +174,12 @@ def _gate_message(m: dict, p: ExportParams) -> str:
             f"{m['logits']['max_abs_logit_diff']:.3g} > export.max_logit_diff {p.max_logit_diff:g}")
 
 
+# The flat numbers (merge.json); the whole record goes to merge.details.json.
+METRICS = {"max_abs_logit_diff": "logits.max_abs_logit_diff", "top1_agreement": "logits.top1_agreement",
+           "max_abs_weight_delta": "max_abs_weight_delta", "changed_tensors": "changed_tensors",
+           "gates_passed": "gates_passed", "seconds": "seconds"}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "base", "adapter", "val", "out", "metrics")
     args = parse_args(ap, argv)
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     from alpaca_lora_cpu.tracking import stage_run
 
     with stage_run("merge", {"export": as_dict(params), "prompt": as_dict(prompt)}) as mlflow:
-        metrics = run_gated(mlflow, args.metrics,
+        metrics = run_gated(mlflow, args.metrics, METRICS,
                             lambda: run(params, prompt, args.base, args.adapter, args.val, args.out))
     log.info("merged %d modules; max |Δlogit| %.2e over %d positions → %s", metrics["adapter_targets"],
              metrics["logits"]["max_abs_logit_diff"], metrics["logits"]["positions"], args.out)

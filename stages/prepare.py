@@ -74,6 +74,10 @@ def metrics_of(manifest: dict) -> dict:
     return {k: manifest[k] for k in keys}
 
 
+# The DVC metric (flat numbers); the whole record goes to prepare.details.json.
+METRICS = ["train_records", "val_records", "records_valid", "with_input", "offline_fallback"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "out", "metrics")
     args = parse_args(ap, argv)
@@ -81,13 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     ensure_writable(args.out, args.metrics)
     loaded = load_source(params.source)
     clean(loaded, params.on_invalid)  # bad records fail here, before tracking opens
-    from alpaca_lora_cpu.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     with stage_run("prepare", {"data": as_dict(params)}) as mlflow:
         manifest = run(params, args.out, loaded)
         metrics = metrics_of(manifest)
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, metrics)
+        write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
         mlflow.set_tags({"source_used": manifest["source_used"],
                          "offline_fallback": str(manifest["offline_fallback"])})
         mlflow.log_artifact(str(args.out / "manifest.json"))

@@ -23,7 +23,7 @@ from pathlib import Path
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import PromptParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.files import atomic_path, ensure_writable, write_json, write_text
+from alpaca_lora_cpu.files import atomic_path, ensure_writable, write_text
 from alpaca_lora_cpu.prompts import ALPACA_NO_INPUT, stop_sequences
 from alpaca_lora_cpu.quantizer import (
     IMAT,
@@ -120,7 +120,8 @@ def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
             "type": plan.name, "level": plan.qtype, "asked_tensor_type": asked_type(plan.qtype),
             "recipe": int(plan.name not in (plan.qtype, plan.qtype + IMAT)), "imatrix": int(plan.imatrix),
             "imatrix_entries": imatrix_entries(lines), "file_bytes": tmp.stat().st_size,
-            "file_mib": tmp.stat().st_size / 2**20, "bits_per_weight": bits_per_weight(infos),
+            "file_mib": tmp.stat().st_size / 2**20,
+            "size_mb": tmp.stat().st_size / 1e6, "bits_per_weight": bits_per_weight(infos),
             "quantize_seconds": seconds, "source_bytes": src.stat().st_size, "tensors": len(infos),
             "tensor_types": type_counts(infos), "other_type": other_types(infos, plan, lines),
         }
@@ -128,6 +129,11 @@ def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
             raise StageError(f"{plan.name}: llama.cpp did not report using the importance matrix {imatrix}")
         write_text(modelfile_out, modelfile(out.name, prompt.template, stops, extra_stops))
     return metrics
+
+
+# The flat numbers (quantize/<type>.json); the whole record (tensor types and why) goes to <type>.details.json.
+METRICS = {"size_mb": "size_mb", "bits_per_weight": "bits_per_weight", "imatrix": "imatrix", "recipe": "recipe",
+           "imatrix_entries": "imatrix_entries", "tensors": "tensors", "seconds": "quantize_seconds"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     prompt = params.prompt
     plan = plan_for(args.type, params.quantize.recipes, args.searched)
     ensure_writable(args.metrics)
-    from alpaca_lora_cpu.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     recipe = params.quantize.recipes.get(args.type) or (read_recipe(args.searched) if args.type == SEARCHED else None)
     # MLflow param names cannot hold regex characters: the overrides go in as one JSON value
@@ -149,8 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                                 "prompt": as_dict(prompt), "generate": {"stop": list(params.generate.stop)}},
                    run_name=f"quantize@{args.type}") as mlflow:
         metrics = run(plan, prompt, args.src, args.out, args.modelfile, params.generate.stop, args.imatrix)
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "other_type"})
+        write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
     log.info("%s: %.1f MiB, %.2f bits/weight, %.1f s → %s", args.type, metrics["file_mib"],
              metrics["bits_per_weight"], metrics["quantize_seconds"], args.out)
 

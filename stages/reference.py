@@ -167,19 +167,23 @@ def run(params: ReferenceParams, template: str, threads: int, speed: SpeedParams
             "gguf_sha256": gguf_sha, "val_sha256": val_sha, "hf_fp32": hf}
 
 
+# The flat numbers (reference.json); the whole record goes to reference.details.json, which evaluate and report read.
+METRICS = {"ppl": "reference_ppl", "hf_gen_tps": "hf_fp32.gen_tps", "hf_prompt_tps": "hf_fp32.prompt_tps",
+           "positions": "positions", "records": "records"}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "gguf", "merged", "val", "out", "metrics")
     args = parse_args(ap, argv)
     config = load_params(args.params)
     params, template, ev = config.reference, config.prompt.template, config.evaluate
     records = check_inputs(args.gguf, args.merged, args.val)
-    from alpaca_lora_cpu.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     with stage_run("reference", {"reference": as_dict(params), "prompt": {"template": template},
                                  "evaluate": {"threads": ev.threads, "speed": as_dict(ev.speed)}}) as mlflow:
         metrics = run(params, template, ev.threads, ev.speed, args.gguf, args.merged, args.val, records, args.out)
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, metrics)
+        write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
         mlflow.set_tags({"eval_run_id": metrics["run_id"]})
         mlflow.log_artifact(str(args.out / "meta.json"))
     log.info("reference %s: %d records, %d response positions, PPL %.3f; transformers fp32 %.1f gen tok/s",

@@ -4,12 +4,19 @@ Run: python -m stages.report --params params.yaml --evaluated reports/metrics/ev
          --reference reports/metrics/reference.json --generations reports/evaluate --loss reports/plots/finetune \
          --out reports/report.md --figures reports/figures --table reports/plots/evaluate.csv \
          --metrics reports/metrics/report.json --imatrix-metrics reports/metrics/imatrix.json \
-         --search-metrics reports/metrics/search.json
+         --search-metrics reports/metrics/search.json --finetune-metrics reports/metrics/finetune.json \
+         --gguf-dir models/gguf
 
 The table (a row per variant), the quality/size and speed/size plots, the training loss curve, base vs
 fine-tuned answers to the fixed prompts, the environment, and each target of the project stated as met or
 missed with its numbers. Refuses metrics from different pipeline runs (their `run_id`s differ from the
-reference's) and names any variant without metrics.
+reference's) and names any variant without metrics. It reads each stage's whole record from the
+`*.details.json` beside its metrics file.
+
+Onto the pipeline's MLflow parent run it logs the headline metrics (`eval_loss`, `<variant>.kld_mean`, …), the
+report, the figures, params.yaml and dvc.lock, and the recommended model (lowest mean KLD within
+report.recommend_max_mb) with its Modelfile, registered as a new version of the MLflow model
+`alpaca-lora-cpu-gguf`.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from pathlib import Path
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import REFERENCE_VARIANT, EvaluateParams, ReportParams, load_params
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.files import atomic_path, read_json, read_jsonl, write_csv, write_json, write_text
+from alpaca_lora_cpu.files import atomic_path, read_details, read_json, read_jsonl, write_csv, write_text
+from alpaca_lora_cpu.tracking import REGISTERED_MODEL
 
 log = logging.getLogger("report")
 BASE_VARIANT = "base"
@@ -49,13 +57,13 @@ class Inputs:
 
 
 def load_inputs(variants: list[str], evaluated: Path, reference: Path, generations: Path) -> Inputs:
-    ref = read_json(reference, "reference metrics")
-    found = {v: read_json(evaluated / f"{v}.json", f"variant {v}: metrics", f"run `dvc repro evaluate@{v}`")
+    ref = read_details(reference, "reference metrics")
+    found = {v: read_details(evaluated / f"{v}.json", f"variant {v}: metrics", f"run `dvc repro evaluate@{v}`")
              for v in variants}
     mismatched = [(v, m.get("run_id")) for v, m in found.items() if m.get("run_id") != ref["run_id"]]
     if mismatched:
         v, rid = mismatched[0]
-        raise StageError(f"metrics from different pipeline runs: {evaluated / (v + '.json')} has run_id {rid}, "
+        raise StageError(f"metrics from different pipeline runs: {evaluated / (v + '.details.json')} has run_id {rid}, "
                          f"{reference} has {ref['run_id']} ({len(mismatched)} of {len(found)} variants differ); "
                          f"rerun the evaluate stages (dvc repro)")
     gens = {v: read_jsonl(generations / f"{v}.generations.jsonl", f"variant {v}: generations",
@@ -423,12 +431,12 @@ def write_table(rows: list[dict], path: Path) -> None:
 
 def run(params: EvaluateParams, goal: ReportParams, evaluated: Path, reference: Path, generations: Path,
         loss_dir: Path, out: Path, figures_dir: Path, table: Path, recipes: set[str] = frozenset(),
-        calibration: Path | None = None, search: Path | None = None) -> dict:
+        calibration: Path | None = None, search: Path | None = None, quantized: set[str] = frozenset()) -> dict:
     inputs = load_inputs(list(params.variants), evaluated, reference, generations)
     rows = table_rows(inputs)
     goals = targets(inputs, goal) + imatrix_targets(inputs.variants, goal, recipes)
-    calib = read_json(calibration, "imatrix metrics") if calibration and calibration.is_file() else {}
-    found = read_json(search, "search metrics") if search and search.is_file() else {}
+    calib = read_details(calibration, "imatrix metrics") if calibration and calibration.is_file() else {}
+    found = read_details(search, "search metrics") if search and search.is_file() else {}
     quantization = quantization_section(inputs.variants, goal.budget_variants, calib, found)
     env = environment(inputs)
     series = read_loss(loss_dir)
@@ -447,7 +455,21 @@ def run(params: EvaluateParams, goal: ReportParams, evaluated: Path, reference: 
     return {"run_id": inputs.reference["run_id"], "variants": len(rows),
             "targets_met": sum(g["met"] is True for g in goals),
             "targets_missed": sum(g["met"] is False for g in goals),
-            "targets": {g["target"]: g["met"] for g in goals}}
+            "targets": {g["target"]: g["met"] for g in goals},
+            "recommended": recommend(inputs.variants, quantized, goal.recommend_max_mb)}
+
+
+def recommend(v: dict[str, dict], quantized: set[str], max_mb: float) -> dict | None:
+    """The quantized variant with the lowest mean KLD within `max_mb`, or None when none is that small."""
+    fits = {n: m for n, m in v.items() if n in quantized and m["size_mb"] <= max_mb}
+    if not fits:
+        log.warning("no quantized variant is within report.recommend_max_mb = %g MB: nothing recommended", max_mb)
+        return None
+    best = min(fits, key=lambda n: fits[n]["kld_mean"])
+    m = fits[best]
+    return {"variant": best, "max_mb": max_mb, "kld_mean": m["kld_mean"], "size_mb": m["size_mb"],
+            "ppl": m.get("ppl"), "top1": m.get("top1_agreement"), "bits_per_weight": m.get("bits_per_weight"),
+            "gen_tps": m.get("speed", {}).get("gen_tps")}
 
 
 def attach_to_variant_runs(mlflow, run_id: str, files: list[Path]) -> int:
@@ -467,29 +489,92 @@ def attach_to_variant_runs(mlflow, run_id: str, files: list[Path]) -> int:
     return len(seen)
 
 
+# The DVC metric (report.json): the recommended model's numbers, under the evaluate metrics' names so that its
+# row in `dvc metrics show` adds no columns. Targets (met / missed, by name) go to report.details.json.
+METRICS = {k: f"recommended.{k}" for k in ("ppl", "kld_mean", "top1", "size_mb", "bits_per_weight", "gen_tps")}
+# Per variant on the pipeline run, as `<variant>.<key>`: the evaluate metrics a comparison needs.
+PIPELINE_KEYS = ("kld_mean", "ppl", "top1", "size_mb", "gen_tps")
+
+
+def headline_metrics(variants: list[str], evaluated: Path, finetune: Path | None, record: dict) -> dict[str, float]:
+    """What the pipeline run shows: eval loss, each variant's comparison metrics, the targets met."""
+    out = {k: record[k] for k in ("targets_met", "targets_missed")}
+    if finetune and finetune.is_file():
+        out["eval_loss"] = read_json(finetune, "finetune metrics")["eval_loss"]
+    for v in variants:
+        flat = read_json(evaluated / f"{v}.json", f"variant {v}: metrics")
+        out.update({f"{v}.{k}": flat[k] for k in PIPELINE_KEYS})
+    return out
+
+
+def publish(mlflow, headline: dict[str, float], files: list[Path], figures: Path, model: tuple[Path, Path] | None,
+            recommended: dict | None) -> str | None:
+    """Log the headline metrics and files onto the pipeline run; log and register the recommended model.
+    Returns the registered version, if any."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from alpaca_lora_cpu.tracking import pipeline_run_id, register_model
+
+    client, parent = mlflow.MlflowClient(), pipeline_run_id(mlflow)
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in headline.items()]
+    for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+        client.log_batch(parent, metrics=metrics[i:i + 1000])
+    for f in files:
+        if f.is_file():
+            client.log_artifact(parent, str(f))
+    client.log_artifacts(parent, str(figures), artifact_path="figures")
+    if not (model and recommended):
+        return None
+    for f in model:
+        client.log_artifact(parent, str(f), artifact_path="model")
+    version = register_model(client, parent, "model", {
+        "type": recommended["variant"], "kld_mean": f"{recommended['kld_mean']:.6g}",
+        "size_mb": f"{recommended['size_mb']:.2f}", "gguf": model[0].name})
+    return version
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "evaluated", "reference", "generations", "loss", "out", "figures", "table", "metrics")
     ap.add_argument("--imatrix-metrics", type=Path, help="the imatrix stage's metrics (calibration set)")
     ap.add_argument("--search-metrics", type=Path, help="the search stage's metrics")
+    ap.add_argument("--finetune-metrics", type=Path, help="the finetune stage's metrics (eval loss)")
+    ap.add_argument("--gguf-dir", type=Path, help="the variants' GGUF files and Modelfiles (the recommended one is "
+                    "logged and registered)")
     args = parse_args(ap, argv)
     params = load_params(args.params)
     import matplotlib
 
     matplotlib.use("Agg")
-    from alpaca_lora_cpu.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
-    with stage_run("report", {"evaluated": str(args.evaluated)}) as mlflow:
+    with stage_run("report", {"evaluated": str(args.evaluated),
+                              "report": {"recommend_max_mb": params.report.recommend_max_mb}}) as mlflow:
         recipes = {*params.quantize.recipes, "searched"}
         metrics = run(params.evaluate, params.report, args.evaluated, args.reference, args.generations, args.loss,
-                      args.out, args.figures, args.table, recipes, args.imatrix_metrics, args.search_metrics)
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, {k: v for k, v in metrics.items() if k != "targets"})
+                      args.out, args.figures, args.table, recipes, args.imatrix_metrics, args.search_metrics,
+                      set(params.quantize.types))
+        # No recommendation (nothing within the budget): an empty row rather than a failed report.
+        write_stage_metrics(mlflow, args.metrics, metrics, METRICS, strict=False)
         mlflow.set_tags({"eval_run_id": metrics["run_id"]})
         mlflow.log_artifact(str(args.out))
         mlflow.log_artifacts(str(args.figures), artifact_path="figures")
         attached = attach_to_variant_runs(mlflow, metrics["run_id"], [args.out])
+        rec = metrics["recommended"]
+        model = None
+        if rec and args.gguf_dir:
+            stem = args.gguf_dir / params.evaluate.variants[rec["variant"]]
+            model = (stem.with_suffix(".gguf"), stem.with_suffix(".Modelfile"))
+        version = publish(mlflow, headline_metrics(list(params.evaluate.variants), args.evaluated,
+                                                   args.finetune_metrics, metrics),
+                          [args.out, Path(args.params), Path("dvc.lock")], args.figures, model, rec)
     log.info("wrote %s (%d variants; targets met %d, missed %d); report attached to %d variant runs", args.out,
              metrics["variants"], metrics["targets_met"], metrics["targets_missed"], attached)
+    if version:
+        log.info("recommended %s (mean KLD %.4f, %.1f MB) → MLflow model %s version %s", rec["variant"],
+                 rec["kld_mean"], rec["size_mb"], REGISTERED_MODEL, version)
 
 
 if __name__ == "__main__":

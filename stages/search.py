@@ -280,18 +280,22 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
     return recipe, rows, metrics
 
 
+# The flat numbers (search.json); the whole record goes to search.details.json.
+METRICS = ["winner_kld", "winner_mib", "winner_predicted_kld", "winner_fits_budget", "baseline_kld", "budget_mib",
+           "candidates", "calibration_tokens", "seconds"]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(make_parser(__doc__, "src", "imatrix", "data", "out", "candidates", "metrics"), argv)
     config = load_params(args.params)
     ensure_writable(args.out, args.candidates, args.metrics)
-    from alpaca_lora_cpu.tracking import log_metrics, stage_run
+    from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     with stage_run("search", {"search": as_dict(config.search), "prompt": as_dict(config.prompt)}) as mlflow:
         recipe, rows, metrics = run(config.search, config.prompt, args.src, args.imatrix, args.data, mlflow)
         write_csv(args.candidates, rows, list(rows[0]))
         write_json(args.out, recipe)
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, metrics)
+        write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
         mlflow.log_dict(recipe, "recipe.json")
         mlflow.log_artifact(str(args.candidates))
     log.info("recipe → %s (%d candidates in %.0f s)", args.out, metrics["candidates"], metrics["seconds"])

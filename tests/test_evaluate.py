@@ -89,12 +89,17 @@ def evaluated(workdir) -> Path:
 
 
 def metrics(d: Path, variant: str) -> dict:
-    return json.loads((d / f"reports/metrics/evaluate/{variant}.json").read_text())
+    """The variant's whole record (the details beside its flat metrics file)."""
+    return json.loads((d / f"reports/metrics/evaluate/{variant}.details.json").read_text())
+
+
+def metrics_keys(d: Path) -> list[str]:
+    return list(json.loads((d / "reports/metrics/evaluate/q4_0.json").read_text()))
 
 
 @pytest.mark.slow
 def test_reference_metrics_of_each_variant(evaluated):
-    ref = json.loads((evaluated / "reports/metrics/reference.json").read_text())
+    ref = json.loads((evaluated / "reports/metrics/reference.details.json").read_text())
     assert ref["records"] == 3 and ref["positions"] > 0 and ref["hf_fp32"]["gen_tps"] > 0
     f16, q8, q4 = (metrics(evaluated, v) for v in ("finetuned", "q8_0", "q4_0"))
     # The reference against itself: same logits, so zero divergence and the reference's own perplexity.
@@ -130,8 +135,12 @@ def test_report_table_targets_plots(evaluated):
         assert (evaluated / "reports/figures" / png).stat().st_size > 5000
     table = (evaluated / "reports/plots/evaluate.csv").read_text().splitlines()
     assert table[0].startswith("variant,size_mb,") and len(table) == 1 + len(VARIANTS)
-    summary = json.loads((evaluated / "reports/metrics/report.json").read_text())
+    summary = json.loads((evaluated / "reports/metrics/report.details.json").read_text())
     assert summary["variants"] == 4 and summary["targets_met"] + summary["targets_missed"] == 7
+    # report.json: the recommended model's numbers, under the evaluate metrics' names
+    flat = json.loads((evaluated / "reports/metrics/report.json").read_text())
+    best = metrics(evaluated, summary["recommended"]["variant"])
+    assert flat["kld_mean"] == pytest.approx(best["kld_mean"], rel=1e-5) and set(flat) <= set(metrics_keys(evaluated))
 
 
 @pytest.mark.slow
@@ -145,7 +154,9 @@ def test_mlflow_run_per_variant_with_report(evaluated):
     assert {r.info.run_name for r in runs} == {f"evaluate {v}" for v in VARIANTS}
     assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1
     q4 = next(r for r in runs if r.data.tags["variant"] == "q4_0")
-    assert q4.data.metrics["kld_mean"] == pytest.approx(metrics(evaluated, "q4_0")["kld_mean"])
+    assert q4.data.metrics["kld_mean"] == pytest.approx(metrics(evaluated, "q4_0")["kld_mean"], rel=1e-5)
+    assert len({tuple(sorted(r.data.metrics)) for r in runs}) == 1  # one set of keys: one chart per metric
+    assert q4.data.params["variant"] == "q4_0" and q4.data.params["imatrix"] == "False"
     assert "report.md" in [a.path for a in client.list_artifacts(q4.info.run_id)]
 
 
@@ -153,12 +164,13 @@ def test_mlflow_run_per_variant_with_report(evaluated):
 def test_report_refuses_metrics_of_another_run(evaluated, tmp_path):
     d = tmp_path / "copy"
     shutil.copytree(evaluated, d, ignore=shutil.ignore_patterns("models", "mlflow.db"))
-    path = d / "reports/metrics/evaluate/q8_0.json"
+    path = d / "reports/metrics/evaluate/q8_0.details.json"
     path.write_text(path.read_text().replace(metrics(evaluated, "q8_0")["run_id"], "0123456789abcdef"))
     proc = report(d)
     assert proc.returncode == 2
-    assert "different pipeline runs" in proc.stderr and "q8_0.json" in proc.stderr and "0123456789abcdef" in proc.stderr
-    (d / "reports/metrics/evaluate/q8_0.json").unlink()
+    assert "different pipeline runs" in proc.stderr and "q8_0.details.json" in proc.stderr
+    assert "0123456789abcdef" in proc.stderr
+    (d / "reports/metrics/evaluate/q8_0.details.json").unlink()
     proc = report(d)
     assert proc.returncode == 2 and "variant q8_0: metrics" in proc.stderr
 

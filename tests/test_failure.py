@@ -78,7 +78,7 @@ KILLS = [
     ("merge", "stages.merge", "models/merged", "models"),
     ("convert@finetuned", "stages.convert", "models/gguf/finetuned-reference.gguf", "models/gguf"),
     ("quantize@q4_0", "stages.quantize", "models/gguf/finetuned-q4_0.gguf", "models/gguf"),
-    ("evaluate@q4_0", "stages.evaluate", "reports/metrics/evaluate/q4_0.json", "reports/metrics/evaluate"),
+    ("evaluate@q4_0", "stages.evaluate", "reports/metrics/evaluate/q4_0.details.json", "reports/metrics/evaluate"),
 ]
 
 

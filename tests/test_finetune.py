@@ -156,7 +156,7 @@ def test_tiny_run_writes_adapter_metrics_plots_and_mlflow(tmp_path, tiny_model_d
     proc = finetune(cwd, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_valid_adapter(tmp_path / "adapter", tiny_model_dir)
-    m = json.loads((tmp_path / "finetune.json").read_text())
+    m = json.loads((tmp_path / "finetune.details.json").read_text())
     assert m["steps"] == 4 and m["train_samples"] == 16 and m["resumed_from_step"] == 0
     assert m["eval_tokens"] > 0 and m["eval_perplexity"] > 1 and m["train_tokens_per_second"] > 0
     # The base is scored on the same responses with the adapter off: a different number, the same scale.
@@ -212,7 +212,7 @@ def test_killed_run_resumes_from_newest_complete_checkpoint(tmp_path, tiny_model
     second = finetune(cwd, args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "skipping incomplete checkpoint" in second.stderr and "checkpoint-59" in second.stderr
-    m = json.loads((tmp_path / "finetune.json").read_text())
+    m = json.loads((tmp_path / "finetune.details.json").read_text())
     assert m["resumed_from_step"] >= 2 and m["resumed_from_step"] % 2 == 0 and m["steps"] == 60
     assert f"resuming from {ckpt}/checkpoint-{m['resumed_from_step']}" in second.stderr
     assert_valid_adapter(tmp_path / "adapter", tiny_model_dir)
@@ -235,7 +235,7 @@ def test_run_stopped_after_its_last_checkpoint_does_not_train_again(tmp_path, ti
     second = finetune(cwd, args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "is the last step: nothing left to train" in second.stderr
-    m = json.loads((tmp_path / "finetune.json").read_text())
+    m = json.loads((tmp_path / "finetune.details.json").read_text())
     assert m["steps"] == 2 and m["resumed_from_step"] == 2 and m["train_tokens_non_pad"] == 0
     assert m["final_train_loss"] > 0 and m["mean_train_loss"] > 0
     final = load_file(str(tmp_path / "adapter/adapter_model.safetensors"))
@@ -262,7 +262,7 @@ def test_processes_param_launches_two_cpu_processes_under_accelerate(tmp_path, t
     proc = finetune(cwd, args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launching 2 processes" in proc.stderr and "accelerate.commands.launch" in proc.stderr
-    m = json.loads((tmp_path / "finetune.json").read_text())
+    m = json.loads((tmp_path / "finetune.details.json").read_text())
     assert m["processes"] == 2 and m["steps"] == 2
     assert_valid_adapter(tmp_path / "adapter", tiny_model_dir)
 

@@ -98,5 +98,5 @@ def test_convert_stage_cli_end_to_end(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
 
-    m = json.loads((tmp_path / "m" / "convert.json").read_text())
+    m = json.loads((tmp_path / "m" / "convert.details.json").read_text())
     assert m["gates_passed"] and m["outtype"] == "f16" and m["file_bytes"] == out.stat().st_size

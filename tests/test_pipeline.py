@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import yaml
-from helpers import copy_repo, dvc, shrink_params
+from helpers import ROOT, copy_repo, dvc, shrink_params
 
 from alpaca_lora_cpu.files import sha256_file
 
@@ -28,7 +28,28 @@ def pipeline(tmp_path_factory, git_identity):
 
 
 def metrics(repo, name):
-    return json.loads((repo / "reports/metrics" / name).read_text())
+    """A stage's whole record: the details JSON beside its flat metrics file."""
+    return json.loads((repo / "reports/metrics" / name.replace(".json", ".details.json")).read_text())
+
+
+def test_declared_dvc_metrics_are_flat_numbers_and_fit_a_terminal(pipeline):
+    shown = json.loads(dvc(pipeline, "metrics", "show", "--json").stdout)
+    files = next(iter(shown.values()))["data"]
+    assert {"reports/metrics/finetune.json", "reports/metrics/report.json",
+            "reports/metrics/evaluate/q4_0.json"} <= set(files), sorted(files)
+    for path, entry in files.items():
+        data = entry["data"]
+        assert 1 <= len(data) <= 12, (path, sorted(data))
+        bad = {k: v for k, v in data.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        assert not bad, f"{path}: not flat numbers: {bad}"
+    keys = {tuple(sorted(e["data"])) for p, e in files.items() if "/evaluate/" in p}
+    assert len(keys) == 1, keys  # every variant: the same columns
+    table = dvc(pipeline, "metrics", "show").stdout.splitlines()
+    # A terminal of 180 columns (a maximized window; the paths alone take 43) holds it: one row per file.
+    assert len(table) == len(files) + 1 and max(map(len, table)) <= 180, "\n".join(table)
+    # The stages' other numbers stay one command away, and their details stay outside the metrics.
+    merge = json.loads((pipeline / "reports/metrics/merge.json").read_text())
+    assert merge["gates_passed"] == 1 and all(isinstance(v, (int, float)) for v in merge.values())
 
 
 def test_every_stage_ran_and_its_gates_passed(pipeline):
@@ -86,6 +107,22 @@ def test_param_change_invalidates_exactly_the_downstream_stages(pipeline):
     assert json.loads(dvc(pipeline, "status", "--json").stdout) == {}
 
 
+def test_dvc_plots_render_with_no_network(pipeline, tmp_path):
+    """The template .dvc/config names (written by make setup) inlines vega, vega-lite and vega-embed: the page
+    DVC writes loads no script from anywhere, and holds the data plots' specs."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".dvc/config")
+    template = (ROOT / ".dvc" / config["plots"]["html_template"]).resolve()
+    assert template == (ROOT / ".venv/dvc-plots.html").resolve() and template.stat().st_size > 500_000
+    dvc(pipeline, "plots", "show", "--html-template", str(template), "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots/index.html").read_text()
+    assert "<script src=" not in page and "cdn.jsdelivr" not in page
+    assert "window.vegaEmbed=" in page and page.count("vegaEmbed('#") >= 4  # loss, KLD, PPL, speed vs size
+    assert '"kld_mean"' in page and '"train_loss"' in page
+
+
 def test_mlflow_groups_stage_and_variant_runs(pipeline):
     import mlflow
 
@@ -105,6 +142,44 @@ def test_mlflow_groups_stage_and_variant_runs(pipeline):
     assert prep.data.params["data.fraction"] == "0.01"
     assert prep.data.tags["source_used"] == "data/sample/alpaca_sample.json"
     assert len(prep.data.tags["git_commit"]) >= 40
+
+
+def test_mlflow_experiment_opens_on_a_comparison(pipeline):
+    """Issue 14: the experiment kind, a parent run spanning the pipeline with params, headline metrics and
+    artifacts, evaluation runs sharing their metric keys, and the recommended model in the registry."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline}/mlflow.db")
+    exp = client.get_experiment_by_name("alpaca-lora-cpu")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'")[0]
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and len(children) >= 12
+    assert parent.info.start_time <= min(c.info.start_time for c in children)
+    assert parent.info.end_time >= max(c.info.end_time for c in children)
+    assert parent.data.params["finetune.lora.r"] == str(yaml.safe_load(
+        (pipeline / "params.yaml").read_text())["finetune"]["lora"]["r"])
+    flat = json.loads((pipeline / "reports/metrics/evaluate/q4_0.json").read_text())
+    assert parent.data.metrics["q4_0.kld_mean"] == pytest.approx(flat["kld_mean"])
+    for v in ("base", "finetuned", *SMALL_QUANTS):
+        assert {f"{v}.{k}" for k in ("kld_mean", "ppl", "top1", "size_mb", "gen_tps")} <= set(parent.data.metrics)
+    assert parent.data.metrics["eval_loss"] > 0
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "params.yaml", "dvc.lock", "figures", "model"} <= files, files
+    evals = [c for c in children if c.data.tags["dvc_stage"].startswith("evaluate")]
+    assert len({tuple(sorted(c.data.metrics)) for c in evals}) == 1
+    assert {"size_mb", "bits_per_weight", "kld_mean"} <= set(evals[0].data.metrics)
+    by_variant = {c.data.params["variant"]: c.data.params for c in evals}
+    assert by_variant["q4_0-imat"]["imatrix"] == "True" and by_variant["q4_0"]["imatrix"] == "False"
+    assert by_variant["searched"]["recipe"] == "searched" and by_variant["q4_0"]["recipe"] == "none"
+    rec = json.loads((pipeline / "reports/metrics/report.details.json").read_text())["recommended"]
+    versions = client.search_model_versions("name = 'alpaca-lora-cpu-gguf'")
+    assert len(versions) == 1 and versions[0].run_id == parent.info.run_id
+    tags = versions[0].tags
+    assert tags["type"] == rec["variant"] and float(tags["kld_mean"]) == pytest.approx(rec["kld_mean"], rel=1e-5)
+    assert float(tags["size_mb"]) <= 100 and len(tags["git_commit"]) >= 40
+    model = {a.path for a in client.list_artifacts(parent.info.run_id, "model")}
+    assert model == {f"model/finetuned-{rec['variant']}.gguf", f"model/finetuned-{rec['variant']}.Modelfile"}
 
 
 def test_make_generate_prints_a_completion(pipeline):

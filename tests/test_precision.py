@@ -60,14 +60,16 @@ def test_finetune_stage_records_the_auto_choice(tmp_path, tiny_model_dir, thresh
     cwd, args = setup_run(tmp_path, tiny_model_dir, precision="auto", bf16_min_speedup=threshold, max_steps=2)
     proc = finetune(cwd, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    m = json.loads((tmp_path / "finetune.json").read_text())
+    m = json.loads((tmp_path / "finetune.details.json").read_text())
     assert m["precision_bf16"] == int(expected == "bf16") and m["precision_fp16"] == 0
     assert m["precision_probe_fp32_gflops"] > 0 and m["precision_probe_bf16_gflops"] > 0
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd}/mlflow.db")
     exp = client.get_experiment_by_name("alpaca-lora-cpu")
     (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kind") == "stage"]
     assert run.data.tags["precision"] == expected
-    assert run.data.metrics["precision_probe_bf16_speedup"] == pytest.approx(m["precision_probe_bf16_speedup"])
+    # The probe's numbers travel with the run in its details artifact (its metrics are the few flat ones).
+    assert "finetune.details.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert set(run.data.metrics) >= {"eval_loss", "ppl"}
 
 
 def test_auto_with_several_cpu_processes_stays_fp32_without_probing():

@@ -87,7 +87,7 @@ def test_each_type_is_its_own_dvc_stage(repo_copy, tiny_gguf):
         return proc.stdout
 
     dvc("repro", "--single-item", "quantize@q4_0")
-    assert json.loads((repo_copy / "reports/metrics/quantize/q4_0.json").read_text())["type"] == "q4_0"
+    assert json.loads((repo_copy / "reports/metrics/quantize/q4_0.details.json").read_text())["type"] == "q4_0"
     doc["quantize"]["types"] = ["q4_0", "q8_0"]
     params.write_text(yaml.safe_dump(doc, sort_keys=False))
     status = dvc("status", "quantize@q4_0")

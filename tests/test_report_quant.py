@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 
 from alpaca_lora_cpu.config import ReportParams
-from stages.report import best_within, imatrix_targets, kind, quantization_section
+from stages.report import best_within, imatrix_targets, kind, quantization_section, recommend
 
 GOAL = ReportParams(q8_max_kld=0.005, q8_min_top1=0.95, q4_min_speedup=5.0, ppl_ratio_max=0.95,
                     imatrix_min_kld_cut=0.25, q4_0_size_max_kld=0.10, q4_k_m_imat_max_kld=0.04,
-                    search_min_kld_cut=0.15, budget_variants=("q4_0", "q4_k_m", "q8_0"))
+                    search_min_kld_cut=0.15, budget_variants=("q4_0", "q4_k_m", "q8_0"), recommend_max_mb=100)
 
 
 def m(size, kld, top1=0.8):
@@ -32,6 +32,16 @@ def test_kinds_by_name():
 def test_best_within_a_size_ignores_base_and_reference():
     assert best_within(VARIANTS, 92) == "searched" and best_within(VARIANTS, 91) == "iq4_xs-imat"
     assert best_within(VARIANTS, 145) == "q8_0"
+
+
+def test_recommendation_is_the_lowest_kld_quantized_variant_within_the_budget():
+    quantized = set(VARIANTS) - {"base", "finetuned"}
+    rec = recommend(VARIANTS, quantized, 100)
+    assert rec["variant"] == "searched" and (rec["kld_mean"], rec["size_mb"], rec["max_mb"]) == (0.06, 91.5, 100)
+    assert recommend(VARIANTS, quantized, 91)["variant"] == "iq4_xs-imat"
+    assert recommend(VARIANTS, quantized, 150)["variant"] == "q8_0"
+    assert recommend(VARIANTS, quantized - {"q8_0"}, 300)["variant"] == "q4_k_m-imat"  # never the reference
+    assert recommend(VARIANTS, quantized, 50) is None
 
 
 def test_targets_state_each_cut_and_which_fail():

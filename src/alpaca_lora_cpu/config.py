@@ -299,11 +299,14 @@ class ReportParams:
     q4_k_m_imat_max_kld: float  # q4_k_m with the imatrix must reach this mean KLD
     search_min_kld_cut: float   # searched vs every stock imatrix level no larger: mean KLD lower by this share
     budget_variants: tuple[str, ...]  # the report recommends the best variant no larger than each of these
+    recommend_max_mb: float     # the recommended model (MLflow registry): lowest mean KLD within this size
 
     def __post_init__(self) -> None:
         for key in ("imatrix_min_kld_cut", "search_min_kld_cut"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"report.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.recommend_max_mb <= 0:
+            raise ValueError(f"report.recommend_max_mb must be > 0, got {self.recommend_max_mb}")
         if self.q8_max_kld <= 0:
             raise ValueError(f"report.q8_max_kld must be > 0, got {self.q8_max_kld}")
         if not 0 < self.q8_min_top1 <= 1:

@@ -65,6 +65,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def details_path(metrics_path: str | os.PathLike) -> Path:
+    """The detail JSON beside a stage's metrics JSON (`q4_0.json` → `q4_0.details.json`): the stage's whole record
+    (strings, hashes, environment, nested checks), while the metrics file keeps a few flat numbers for DVC."""
+    p = Path(metrics_path)
+    return p.with_name(f"{p.stem}.details{p.suffix}")
+
+
+def read_details(metrics_path: str | os.PathLike, what: str = "file", hint: str = "") -> Any:
+    """A stage's whole record, read from the detail JSON beside its metrics file."""
+    return read_json(details_path(metrics_path), what, hint)
+
+
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
 

@@ -25,19 +25,17 @@ class GateFailure(StageError):
         self.metrics = metrics
 
 
-def run_gated(mlflow: Any, metrics_path: Path, work: Callable[[], dict]) -> dict:
-    """Run a gated stage's work; its metrics JSON (and MLflow) get the result, or the failed gates."""
-    from alpaca_lora_cpu.files import write_json
-    from alpaca_lora_cpu.tracking import log_metrics
+def run_gated(mlflow: Any, metrics_path: Path, keys: dict[str, str], work: Callable[[], dict]) -> dict:
+    """Run a gated stage's work; its metrics (`keys`: see tracking.headline), details JSON and MLflow get the
+    result, or the failed gates. Keys a record lacks (a skipped stage, a gate that failed early) are left out."""
+    from alpaca_lora_cpu.tracking import write_stage_metrics
 
     try:
         metrics = work()
     except GateFailure as exc:
-        write_json(metrics_path, exc.metrics)
-        log_metrics(mlflow, exc.metrics)
+        write_stage_metrics(mlflow, metrics_path, exc.metrics, keys, strict=False)
         raise
-    write_json(metrics_path, metrics)
-    log_metrics(mlflow, metrics)
+    write_stage_metrics(mlflow, metrics_path, metrics, keys, strict=False)
     return metrics
 
 

@@ -22,6 +22,16 @@ SEARCHED = "searched"  # the quantize.types entry whose recipe the search stage 
 NEEDS_IMATRIX = {"iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}
 
 
+def describe(entry: str, recipes: dict[str, RecipeParams]) -> tuple[bool, str]:
+    """(quantized with the importance matrix?, recipe name or "none") of a quantize.types entry or any other
+    variant name (base, finetuned: no, none): what MLflow's evaluate runs carry as params."""
+    if entry in recipes:
+        return recipes[entry].imatrix, entry
+    if entry == SEARCHED:
+        return True, SEARCHED  # the search stage only searches with the importance matrix
+    return entry.endswith(IMAT), "none"
+
+
 def valid_types() -> dict[str, int]:
     """Quantization names accepted by `--type` (lower case) → llama.cpp ftype constant."""
     import llama_cpp
