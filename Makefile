@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 
-.PHONY: help setup repro test test-fast lint mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report sweep
+.PHONY: help setup repro test test-fast lint plots screenshots readme-metrics mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report sweep
 
 # make generate / chat / serve / bench-infer: which GGUF (models/gguf/finetuned-$(QUANT).gguf; QUANT=reference is the unquantized reference)
 QUANT ?= q4_0
@@ -59,7 +59,12 @@ $(VENV)/.llama: $(VENV)/.deps $(LLAMA_ARGS_FILE) tools/llama_build.py
 	$(VENV)/bin/python -m tools.llama_build --cmake-args "$$(cat $(LLAMA_ARGS_FILE))"
 	touch $@
 
-$(STAMP): $(VENV)/.deps $(VENV)/.llama
+# The offline `dvc plots` template (.dvc/config points at it): vega, vega-lite and vega-embed from vl-convert-python.
+PLOTS_TEMPLATE := $(VENV)/dvc-plots.html
+$(PLOTS_TEMPLATE): $(VENV)/.deps tools/plots_template.py
+	$(VENV)/bin/python -m tools.plots_template --out $@
+
+$(STAMP): $(VENV)/.deps $(VENV)/.llama $(PLOTS_TEMPLATE)
 	touch $@
 
 repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults
@@ -108,8 +113,18 @@ bench-infer: $(STAMP) ## Generation tok/s of models/gguf/finetuned-$(QUANT).gguf
 report: $(STAMP) ## Re-run evaluate (every variant) and write reports/report.md with its plots
 	PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro report
 
-mlflow-ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(MLFLOW_PORT)
+plots: $(STAMP) ## dvc plots show into dvc_plots/index.html, offline (vega inlined); dvc plots diff <exp-a> <exp-b> works the same
+	dvc plots show
+
+mlflow-ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(MLFLOW_PORT), printing the link to the variants' comparison
+	@python -m tools.mlflow_views --uri $(MLFLOW_TRACKING_URI) --base http://$(MLFLOW_HOST):$(MLFLOW_PORT) || true
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+
+readme-metrics: $(STAMP) ## Put a real `dvc metrics show` of the workspace into README.md (after make repro)
+	python -m tools.readme_metrics --readme README.md
+
+screenshots: $(STAMP) ## Headless Chromium shots of the MLflow runs table and chart view (docs/mlflow-*.png), after make repro
+	python -m tools.mlflow_views --uri $(MLFLOW_TRACKING_URI) --screenshots docs --port $(MLFLOW_PORT)
 
 mlflow-server: $(STAMP) ## MLflow tracking server (SQLite + ./mlartifacts) on 127.0.0.1:$(MLFLOW_PORT); point stages at it with MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
 	mlflow server --backend-store-uri sqlite:///mlflow-server.db --artifacts-destination ./mlartifacts \
