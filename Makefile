@@ -11,6 +11,8 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
+# make screenshots serves the store on its own port, so a running `make mlflow-ui` is left alone
+SCREENSHOT_PORT ?= 5099
 
 .PHONY: help setup repro test test-fast lint plots screenshots readme-metrics mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report sweep
 
@@ -123,8 +125,8 @@ mlflow-ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(MLFLOW_PORT), printing
 readme-metrics: $(STAMP) ## Put a real `dvc metrics show` of the workspace into README.md (after make repro)
 	python -m tools.readme_metrics --readme README.md
 
-screenshots: $(STAMP) ## Headless Chromium shots of the MLflow runs table and chart view (docs/mlflow-*.png), after make repro
-	python -m tools.mlflow_views --uri $(MLFLOW_TRACKING_URI) --screenshots docs --port $(MLFLOW_PORT)
+screenshots: $(STAMP) ## Headless Chromium (Debian's chromium, driven by Playwright) shots of the MLflow views into docs/mlflow-*.png, after make repro
+	python -m tools.mlflow_views --uri $(MLFLOW_TRACKING_URI) --screenshots docs --port $(SCREENSHOT_PORT)
 
 mlflow-server: $(STAMP) ## MLflow tracking server (SQLite + ./mlartifacts) on 127.0.0.1:$(MLFLOW_PORT); point stages at it with MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
 	mlflow server --backend-store-uri sqlite:///mlflow-server.db --artifacts-destination ./mlartifacts \

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -47,6 +48,12 @@ def test_declared_dvc_metrics_are_flat_numbers_and_fit_a_terminal(pipeline):
     table = dvc(pipeline, "metrics", "show").stdout.splitlines()
     # A terminal of 180 columns (a maximized window; the paths alone take 43) holds it: one row per file.
     assert len(table) == len(files) + 1 and max(map(len, table)) <= 180, "\n".join(table)
+    # make readme-metrics puts that same table into the README, between its markers.
+    readme = pipeline / "README.md"
+    subprocess.run([sys.executable, "-m", "tools.readme_metrics", "--readme", str(readme)], cwd=pipeline,
+                   check=True, capture_output=True)
+    section = readme.read_text().split("<!-- metrics-table -->")[1].split("<!-- /metrics-table -->")[0]
+    assert table[1] in section and "`dvc metrics show` (" in section
     # The stages' other numbers stay one command away, and their details stay outside the metrics.
     merge = json.loads((pipeline / "reports/metrics/merge.json").read_text())
     assert merge["gates_passed"] == 1 and all(isinstance(v, (int, float)) for v in merge.values())
@@ -208,6 +215,10 @@ def test_dvc_push_pull_round_trip(pipeline, tmp_path):
 def test_experiment_shows_in_dvc_and_mlflow(pipeline):
     """The issue's own check: a second LoRA rank as an experiment, seen by DVC and by MLflow."""
     dvc(pipeline, "exp", "run", "finetune", "-S", "finetune.lora.r=16", "--name", "r16")
+    # The README's comparison: only what differs, without the per-variant columns; one short table.
+    table = dvc(pipeline, "exp", "show", "--only-changed", "--drop", "reports/metrics/evaluate/", "--md").stdout
+    assert "finetune.lora.r" in table and "eval_loss" in table and "evaluate/" not in table, table
+    assert max(map(len, table.splitlines())) <= 180, table
     shown = json.loads(dvc(pipeline, "exp", "show", "--json").stdout)
     ranks = {e["name"]: e["data"]["params"]["params.yaml"]["data"]["finetune"]["lora"]["r"]
              for commit in shown for exp in (commit.get("experiments") or []) for e in exp["revs"]}
@@ -221,3 +232,10 @@ def test_experiment_shows_in_dvc_and_mlflow(pipeline):
     assert runs[0].data.tags["dvc_stage"] == "finetune" and "eval_loss" in runs[0].data.metrics
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=pipeline, capture_output=True, text=True).stdout
     assert runs[0].data.tags["git_commit"].startswith(head.strip()) and runs[0].data.tags["dvc_lock"]
+    # dvc plots diff overlays the experiment on the workspace with the offline template: both revisions' loss
+    # curves in one spec, no script loaded from the network.
+    out = pipeline / "diff-plots"
+    dvc(pipeline, "plots", "diff", "workspace", "r16", "--html-template", str(ROOT / ".venv/dvc-plots.html"),
+        "-o", str(out), "--targets", "finetune_loss")
+    page = (out / "index.html").read_text()
+    assert "<script src=" not in page and '"r16"' in page and '"workspace"' in page

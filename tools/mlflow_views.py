@@ -11,12 +11,19 @@ What the links set, checked against MLflow 3.17's UI in headless Chromium:
   start time, the UI lists child runs flat instead of folding them under their pipeline run, so the charts
   compare the variants with no runs picked by hand.
 - `compareRunsMode=CHART` for the chart view (one chart per evaluate metric).
+
+Screenshots: Playwright drives Debian's `chromium` (no browser download). The UI keeps chart layout and
+visible columns in the browser's localStorage, not in the URL; for the shots the script writes there what
+*Add chart → Scatter* (size_mb vs kld_mean), *Add chart → Parallel coordinates*, *Show all runs* and the column
+picker would, and closes the assistant panel.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +31,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from alpaca_lora_cpu.tracking import EXPERIMENT
+from alpaca_lora_cpu.tracking import EXPERIMENT, REGISTERED_MODEL
 
 WINDOW = "2200,1000"
 
@@ -56,7 +63,8 @@ def views(uri: str) -> dict[str, str]:
 
     return {"runs": url({**variants, "compareRunsMode": "TABLE"}),
             "charts": url({**variants, "compareRunsMode": "CHART"}),
-            "pipelines": url({"workflowType": "machine_learning", "searchFilter": "tags.kind = 'pipeline'"})}
+            "pipelines": url({"workflowType": "machine_learning", "searchFilter": "tags.kind = 'pipeline'"}),
+            "registry": f"#/models/{REGISTERED_MODEL}"}
 
 
 def _wait_for(base: str, server: subprocess.Popen, seconds: float = 90) -> None:
@@ -72,6 +80,53 @@ def _wait_for(base: str, server: subprocess.Popen, seconds: float = 90) -> None:
     raise SystemExit(f"error: mlflow ui did not answer on {base} within {seconds:.0f} s")
 
 
+# What *Add chart → Scatter* (X size_mb, Y kld_mean) and *Add chart → Parallel coordinates* produce, and the
+# eye menu's *Show all runs*: the screenshots write them into the UI's saved state instead of clicking.
+CHARTS = [
+    {"uuid": "kld-vs-size", "type": "SCATTER", "xaxis": {"key": "size_mb", "type": "METRIC"},
+     "yaxis": {"key": "kld_mean", "type": "METRIC"}, "runsCountToCompare": 100},
+    {"uuid": "variants-parallel", "type": "PARALLEL", "selectedParams": ["variant", "imatrix", "recipe"],
+     "selectedMetrics": ["size_mb", "bits_per_weight", "kld_mean", "ppl", "gen_tps"], "showAllRuns": True},
+]
+SHOWN = ("size_mb", "bits_per_weight", "kld_mean", "ppl", "top1", "gen_tps")
+COLUMNS = ["params.`imatrix`", "params.`recipe`", *(f"metrics.`{k}`" for k in SHOWN)]
+
+
+def _with_charts(state: dict) -> dict:
+    charts = state.get("compareRunCharts") or []
+    section = charts[0]["metricSectionId"] if charts else None
+    added = [{**c, "metricSectionId": section, "deleted": False, "isGenerated": False} for c in CHARTS]
+    return {**state, "compareRunCharts": added + [c for c in charts if c["uuid"] not in {a["uuid"] for a in added}],
+            "runsHiddenMode": "SHOW_ALL", "selectedColumns": COLUMNS}
+
+
+def _shoot(browser: str, targets: dict[str, str], base: str, out_dir: Path) -> list[Path]:
+    from playwright.sync_api import sync_playwright
+
+    shots = []
+    width, height = (int(x) for x in WINDOW.split(","))
+    with sync_playwright() as pw:
+        chrome = pw.chromium.launch(executable_path=browser, args=["--no-sandbox"])
+        page = chrome.new_page(viewport={"width": width, "height": height})
+        for name, fragment in targets.items():
+            page.goto(f"{base}/{fragment}")
+            page.wait_for_timeout(6000)  # the UI saves its state for this experiment once it has loaded
+            # The assistant panel would take a quarter of the width: closed, as after a click on its X.
+            page.evaluate("() => localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false')")
+            key = page.evaluate("() => Object.keys(localStorage).find(k => k.includes('-ExperimentPage-'))")
+            if name in ("runs", "charts") and key:
+                state = json.loads(page.evaluate("(k) => localStorage.getItem(k)", key))
+                page.evaluate("([k, v]) => localStorage.setItem(k, v)", [key, json.dumps(_with_charts(state))])
+            page.reload()
+            page.wait_for_timeout(12000)  # charts load their code and data lazily
+            path = out_dir / f"mlflow-{name}.png"
+            page.screenshot(path=str(path))
+            shots.append(path)
+            print(f"wrote {path}")
+        chrome.close()
+    return shots
+
+
 def screenshots(uri: str, out_dir: Path, port: int) -> list[Path]:
     """Serve the store with `mlflow ui`, shoot each view with headless Chromium, stop the server."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -79,26 +134,17 @@ def screenshots(uri: str, out_dir: Path, port: int) -> list[Path]:
         raise SystemExit("error: chromium not found: install Debian's package (apt-get install chromium)")
     base = f"http://127.0.0.1:{port}"
     targets = views(uri)
+    # Its own process group: `mlflow ui` starts a web server and job workers, all stopped together below.
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shots = []
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for(base, server)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name, fragment in targets.items():
-            path = out_dir / f"mlflow-{name}.png"
-            # Virtual time lets the charts' lazily loaded code and data arrive before the shot.
-            subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                            f"--window-size={WINDOW}", "--virtual-time-budget=60000",
-                            f"--screenshot={path}", f"{base}/{fragment}"],
-                           check=True, capture_output=True, timeout=300)
-            shots.append(path)
-            print(f"wrote {path}")
+        return _shoot(browser, targets, base, out_dir)
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    return shots
 
 
 def main(argv: list[str] | None = None) -> None:
