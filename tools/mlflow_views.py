@@ -90,6 +90,9 @@ CHARTS = [
 ]
 SHOWN = ("size_mb", "bits_per_weight", "kld_mean", "ppl", "top1", "gen_tps")
 COLUMNS = ["params.`imatrix`", "params.`recipe`", *(f"metrics.`{k}`" for k in SHOWN)]
+PIPELINE_COLUMNS = [*(f"metrics.`{k}`" for k in ("eval_loss", "targets_met", "targets_missed", "searched.kld_mean",
+                                                  "q4_k_m-imat.kld_mean", "q4_0.kld_mean", "q8_0.kld_mean")),
+                    *(f"params.`{k}`" for k in ("finetune.lora.r", "finetune.learning_rate", "finetune.epochs"))]
 
 
 def _with_charts(state: dict) -> dict:
@@ -114,9 +117,10 @@ def _shoot(browser: str, targets: dict[str, str], base: str, out_dir: Path) -> l
             # The assistant panel would take a quarter of the width: closed, as after a click on its X.
             page.evaluate("() => localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false')")
             key = page.evaluate("() => Object.keys(localStorage).find(k => k.includes('-ExperimentPage-'))")
-            if name in ("runs", "charts") and key:
+            if name in ("runs", "charts", "pipelines") and key:
                 state = json.loads(page.evaluate("(k) => localStorage.getItem(k)", key))
-                page.evaluate("([k, v]) => localStorage.setItem(k, v)", [key, json.dumps(_with_charts(state))])
+                state = _with_charts(state) if name != "pipelines" else {**state, "selectedColumns": PIPELINE_COLUMNS}
+                page.evaluate("([k, v]) => localStorage.setItem(k, v)", [key, json.dumps(state)])
             page.reload()
             page.wait_for_timeout(12000)  # charts load their code and data lazily
             path = out_dir / f"mlflow-{name}.png"
