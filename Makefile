@@ -118,7 +118,7 @@ report: $(STAMP) ## Re-run evaluate (every variant) and write reports/report.md 
 plots: $(STAMP) ## dvc plots show into dvc_plots/index.html, offline (vega inlined); dvc plots diff <exp-a> <exp-b> works the same
 	dvc plots show
 
-mlflow-ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(MLFLOW_PORT), printing the link to the variants' comparison
+mlflow-ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(MLFLOW_PORT), first printing links to the variants' table and charts, the pipeline runs and the registry
 	@python -m tools.mlflow_views --uri $(MLFLOW_TRACKING_URI) --base http://$(MLFLOW_HOST):$(MLFLOW_PORT) || true
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
