@@ -12,7 +12,7 @@ import yaml
 from helpers import copy_repo, dvc, make_records, shrink_params, write_records
 
 from alpaca_lora_cpu.errors import StageError
-from tools.sweep import markdown, queue_commands, read_grid, rows_from_show, set_args
+from tools.sweep import git_details, markdown, queue_commands, read_grid, rows_from_show, set_args
 
 
 def test_overrides_become_dvc_set_params_in_yaml():
@@ -39,14 +39,19 @@ def test_a_bad_grid_is_one_line(tmp_path, text, message):
 
 
 def _exp(name, state, ppl, base=10.0):
-    metrics = {"eval_perplexity": ppl, "base_eval_perplexity": base, "eval_ppl_ratio": ppl / base,
-               "eval_loss": 1.0, "train_seconds": 120.0, "train_tokens_per_second": 400.0, "precision_bf16": 0}
+    # The DVC metric holds a few numbers; the rest comes from the details file in the experiment's commit.
+    metrics = {"eval_loss": 1.0, "ppl": ppl}
+    DETAILS[name] = {"eval_perplexity": ppl, "base_eval_perplexity": base, "eval_ppl_ratio": ppl / base,
+                     "eval_loss": 1.0, "train_seconds": 120.0, "train_tokens_per_second": 400.0, "precision_bf16": 0}
     params = {"finetune": {"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}, "epochs": 1,
                            "learning_rate": 3e-4}}
     data = {"params": {"params.yaml": {"data": params}},
             "metrics": {"reports/metrics/finetune.json": {"data": metrics}}}
     return {"executor": {"state": state} if state else None, "name": name,
-            "revs": [{"rev": "abc", "name": name, "data": data}]}
+            "revs": [{"rev": name, "name": name, "data": data}]}
+
+
+DETAILS: dict[str, dict] = {}
 
 
 def test_table_reads_only_finished_experiments_in_grid_order():
@@ -57,7 +62,7 @@ def test_table_reads_only_finished_experiments_in_grid_order():
                 _exp("sweep-c", "running", 1.0),     # still shows its baseline's metrics: not a result
                 _exp("sweep-d", "queued", 1.0),
                 _exp("other", None, 1.0)]}]
-    rows = rows_from_show(show, ["a", "b", "c", "d"])
+    rows = rows_from_show(show, ["a", "b", "c", "d"], details=DETAILS.get)
     assert [r["recipe"] for r in rows] == ["a", "b"]
     assert rows[1]["ratio"] == pytest.approx(0.8) and rows[0]["train min"] == pytest.approx(2.0)
     assert rows[0]["target_modules"] == "q_proj,v_proj" and rows[0]["precision"] == "fp32"
@@ -82,7 +87,7 @@ def test_make_sweep_runs_queued_experiments_into_dvc_mlflow_and_the_table(tmp_pa
     table = (repo / "docs/recipes.md").read_text()
     assert "| r2 " in table and "| r4 " in table and (repo / "docs/recipes.png").read_bytes()[:4] == b"\x89PNG"
     show = json.loads(dvc(repo, "exp", "show", "--json").stdout)
-    rows = rows_from_show(show, ["r2", "r4"])
+    rows = rows_from_show(show, ["r2", "r4"], details=lambda rev: git_details(rev, repo))
     assert [r["lora.r"] for r in rows] == [2, 4] and all(r["val PPL"] > 1 for r in rows)
     with sqlite3.connect(repo / "mlflow.db") as db:
         tagged = {v for (v,) in db.execute("SELECT value FROM tags WHERE key = 'dvc_exp_name'")}
