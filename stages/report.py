@@ -196,10 +196,10 @@ def imatrix_targets(v: dict[str, dict], goal: ReportParams, recipes: set[str]) -
     return out
 
 
-def best_within(v: dict[str, dict], size_mb: float) -> str:
-    """The quantized variant with the lowest mean KLD no larger than `size_mb`."""
+def best_within(v: dict[str, dict], size_mb: float) -> str | None:
+    """The quantized variant with the lowest mean KLD no larger than `size_mb` (None: none is that small)."""
     fits = {n: m for n, m in v.items() if n not in (BASE_VARIANT, REFERENCE_VARIANT) and m["size_mb"] <= size_mb}
-    return min(fits, key=lambda n: fits[n]["kld_mean"])
+    return min(fits, key=lambda n: fits[n]["kld_mean"], default=None)
 
 
 def quantization_section(v: dict[str, dict], budgets: tuple[str, ...], calibration: dict, search: dict) -> str:
@@ -461,12 +461,11 @@ def run(params: EvaluateParams, goal: ReportParams, evaluated: Path, reference: 
 
 def recommend(v: dict[str, dict], quantized: set[str], max_mb: float) -> dict | None:
     """The quantized variant with the lowest mean KLD within `max_mb`, or None when none is that small."""
-    fits = {n: m for n, m in v.items() if n in quantized and m["size_mb"] <= max_mb}
-    if not fits:
+    best = best_within({n: m for n, m in v.items() if n in quantized}, max_mb)
+    if best is None:
         log.warning("no quantized variant is within report.recommend_max_mb = %g MB: nothing recommended", max_mb)
         return None
-    best = min(fits, key=lambda n: fits[n]["kld_mean"])
-    m = fits[best]
+    m = v[best]
     return {"variant": best, "max_mb": max_mb, "kld_mean": m["kld_mean"], "size_mb": m["size_mb"],
             "ppl": m.get("ppl"), "top1": m.get("top1_agreement"), "bits_per_weight": m.get("bits_per_weight"),
             "gen_tps": m.get("speed", {}).get("gen_tps")}
