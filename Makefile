@@ -14,7 +14,7 @@ MLFLOW_PORT ?= 5000
 # make screenshots serves the store on its own port, so a running `make mlflow-ui` is left alone
 SCREENSHOT_PORT ?= 5099
 
-.PHONY: help setup repro test test-fast lint plots screenshots readme-metrics mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report sweep
+.PHONY: help setup repro test test-fast lint plots screenshots results-table mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report sweep
 
 # make generate / chat / serve / bench-infer: which GGUF (models/gguf/finetuned-$(QUANT).gguf; QUANT=reference is the unquantized reference)
 QUANT ?= q4_0
@@ -44,30 +44,36 @@ endif
 .PHONY: FORCE
 FORCE:
 
+# One line per step on the terminal; pip's own output goes to .venv/setup.log (its tail is printed on failure).
+SETUP_LOG := $(VENV)/setup.log
+step = @echo "setup: $(1)"; { $(2); } >>$(SETUP_LOG) 2>&1 || { tail -n 20 $(SETUP_LOG); echo "error: setup step failed: $(1) (whole log: $(SETUP_LOG))"; exit 1; }
+
 $(VENV)/.deps: requirements.lock pyproject.toml
 	@command -v $(PYTHON_SYS) >/dev/null || { echo "error: $(PYTHON_SYS) not found (Python 3.11 is required)"; exit 1; }
-	test -x $(VENV)/bin/python || $(PYTHON_SYS) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	# torch first and alone, so pip takes the local CPU wheel instead of a multi-GB CUDA build.
-	$(VENV)/bin/python -m pip install --quiet $$(grep -E '^torch==' requirements.lock)
-	# The lock is a full freeze, so --no-deps; llama-cpp-python is left to tools/llama_build.py (flags + probe).
-	grep -viE '^llama[-_]cpp[-_]python==' requirements.lock > $(VENV)/requirements-no-llama.txt
-	$(VENV)/bin/python -m pip install --quiet --no-deps -r $(VENV)/requirements-no-llama.txt
-	# The shared library (src/alpaca_lora_cpu), editable: stages and tools import it from any folder.
-	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
-	touch $@
+	@test -x $(VENV)/bin/python || $(PYTHON_SYS) -m venv $(VENV)
+	@: > $(SETUP_LOG)
+	$(call step,pip,$(VENV)/bin/python -m pip install --quiet --upgrade pip)
+	@# torch first and alone, so pip takes the local CPU wheel instead of a multi-GB CUDA build.
+	$(call step,torch (CPU wheel),$(VENV)/bin/python -m pip install --quiet $$(grep -E '^torch==' requirements.lock))
+	@# The lock is a full freeze, so --no-deps; llama-cpp-python is left to tools/llama_build.py (flags + probe).
+	@grep -viE '^llama[-_]cpp[-_]python==' requirements.lock > $(VENV)/requirements-no-llama.txt
+	$(call step,the pinned dependencies (requirements.lock),$(VENV)/bin/python -m pip install --quiet --no-deps -r $(VENV)/requirements-no-llama.txt)
+	@# The shared library (src/alpaca_lora_cpu), editable: stages and tools import it from any folder.
+	$(call step,the library (src/alpaca_lora_cpu; editable),$(VENV)/bin/python -m pip install --quiet --no-deps -e .)
+	@touch $@
 
 $(VENV)/.llama: $(VENV)/.deps $(LLAMA_ARGS_FILE) tools/llama_build.py
-	$(VENV)/bin/python -m tools.llama_build --cmake-args "$$(cat $(LLAMA_ARGS_FILE))"
-	touch $@
+	@echo "setup: llama.cpp (tools/llama_build.py: flags from this CPU, a probe in a child process)"
+	@$(VENV)/bin/python -m tools.llama_build --cmake-args "$$(cat $(LLAMA_ARGS_FILE))"
+	@touch $@
 
 # The offline `dvc plots` template (.dvc/config points at it): vega, vega-lite and vega-embed from vl-convert-python.
 PLOTS_TEMPLATE := $(VENV)/dvc-plots.html
 $(PLOTS_TEMPLATE): $(VENV)/.deps tools/plots_template.py
-	$(VENV)/bin/python -m tools.plots_template --out $@
+	$(call step,the offline dvc plots template,$(VENV)/bin/python -m tools.plots_template --out $@)
 
 $(STAMP): $(VENV)/.deps $(VENV)/.llama $(PLOTS_TEMPLATE)
-	touch $@
+	@touch $@
 
 repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults
 	PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro
@@ -122,8 +128,8 @@ mlflow-ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(MLFLOW_PORT), first pr
 	@python -m tools.mlflow_views --uri $(MLFLOW_TRACKING_URI) --base http://$(MLFLOW_HOST):$(MLFLOW_PORT) || true
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
-readme-metrics: $(STAMP) ## Put a real `dvc metrics show` of the workspace into README.md (after make repro)
-	python -m tools.readme_metrics --readme README.md
+results-table: $(STAMP) ## Put a real `dvc metrics show` of the workspace into docs/results.md (after make repro)
+	python -m tools.results_table --doc docs/results.md
 
 screenshots: $(STAMP) ## Headless Chromium (Debian's chromium, driven by Playwright) shots of the MLflow views into docs/mlflow-*.png, after make repro
 	python -m tools.mlflow_views --uri $(MLFLOW_TRACKING_URI) --screenshots docs --port $(SCREENSHOT_PORT)

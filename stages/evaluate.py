@@ -1,6 +1,6 @@
-"""evaluate: quality and speed of one GGUF variant (base, finetuned or a quantization type).
+"""evaluate: quality and speed of one GGUF variant (base, finetuned or a quantize.types entry).
 
-Run (one DVC foreach entry per variant; dvc.yaml fills these in):
+Run (dvc.yaml: evaluate@<entry> per quantize.types entry, evaluate-reference@base and @finetuned):
   python -m stages.evaluate --params params.yaml --variant q4_0 --gguf models/gguf/finetuned-q4_0.gguf \
       --reference models/reference --metrics reports/metrics/evaluate/q4_0.json \
       --generations reports/evaluate/q4_0.generations.jsonl
@@ -12,7 +12,8 @@ Run (one DVC foreach entry per variant; dvc.yaml fills these in):
   reference outputs (rouge-score), mean response length in tokens, share that ended with EOS before the limit.
 - Speed (fresh process, `evaluate.threads` fixed): prompt tok/s and generation tok/s, medians of
   `evaluate.speed.runs` after a warm-up; load time; peak RSS; file size; bits per weight.
-The metrics carry the reference's `run_id` and the GGUF's sha256, so `report` can refuse mixed runs.
+The metrics carry the reference's `run_id` and the GGUF's sha256, so `report` can refuse mixed runs. Every
+number's name, and which are the flat DVC metric, is alpaca_lora_cpu/metric_table.py's.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
-from alpaca_lora_cpu.config import REFERENCE_VARIANT, EvaluateParams, as_dict, load_params
+from alpaca_lora_cpu.config import EvaluateParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import read_json, read_jsonl, sha256_file, write_jsonl
 from alpaca_lora_cpu.metrics import repeats_ngram
 from alpaca_lora_cpu.prompts import cut_at_stop, leaks_template, stop_sequences
+from alpaca_lora_cpu.variants import FINETUNED, parse
 
 log = logging.getLogger("evaluate")
 
@@ -109,23 +111,21 @@ def generation_metrics(rows: list[dict], ref: Reference) -> dict:
     rouge = [scorer.score(refs[(r["kind"], r["id"])], r["text"])["rougeL"].fmeasure
              for r in rows if r["kind"] == "val"]
     return {
-        "rouge_l_f1": float(np.mean(rouge)) if rouge else None,
+        "rouge_l": float(np.mean(rouge)) if rouge else None,
         "rouge_prompts": len(rouge),
-        "mean_answer_tokens": float(np.mean([r["tokens"] for r in rows])),
-        "eos_stop_rate": float(np.mean([r["eos"] for r in rows])),
-        "template_leak_rate": float(np.mean([leaks_template(r["raw"]) for r in rows])),
-        "repetition_rate": float(np.mean([repeats_ngram(r["raw"]) for r in rows])),
+        "answer_tokens": float(np.mean([r["tokens"] for r in rows])),
+        "stop_rate": float(np.mean([r["eos"] for r in rows])),
+        "leak_rate": float(np.mean([leaks_template(r["raw"]) for r in rows])),
+        "loop_rate": float(np.mean([repeats_ngram(r["raw"]) for r in rows])),
         "generated_prompts": len(rows),
     }
 
 
-def check_inputs(variant: str, gguf: Path, ref_dir: Path, params: EvaluateParams) -> Reference:
+def check_inputs(variant: str, gguf: Path, ref_dir: Path) -> Reference:
     """Everything that can be wrong with the inputs, before any model is loaded."""
-    if variant not in params.variants:
-        raise StageError(f"variant {variant!r} is not in evaluate.variants ({', '.join(params.variants)})")
     if not gguf.is_file():
         raise StageError(f"variant {variant}: GGUF file {gguf} not found (run the convert/quantize stages, or "
-                         f"remove {variant!r} from evaluate.variants)")
+                         f"remove {variant!r} from quantize.types)")
     return load_reference(ref_dir)
 
 
@@ -134,7 +134,7 @@ def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams, templa
     from alpaca_lora_cpu.llama import bench, system_info
 
     gguf_sha = sha256_file(gguf)
-    if variant == REFERENCE_VARIANT and gguf_sha != ref.meta["gguf_sha256"]:
+    if variant == FINETUNED and gguf_sha != ref.meta["gguf_sha256"]:
         raise StageError(f"variant {variant}: {gguf} differs from the file the reference was computed on "
                          f"({ref.meta['gguf']}); rerun the reference stage")
     quality = score(gguf, ref, params.threads)
@@ -157,35 +157,30 @@ def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams, templa
     return metrics, rows
 
 
-# The DVC metric: the same flat keys for every variant (rows of `dvc metrics show`, one chart each in MLflow).
-# The whole record (speed runs, ROUGE-L, hashes, llama.cpp build) goes to evaluate/<variant>.details.json.
-METRICS = {"ppl": "ppl", "kld_mean": "kld_mean", "top1": "top1_agreement", "size_mb": "size_mb",
-           "bits_per_weight": "bits_per_weight", "gen_tps": "speed.gen_tps", "stop_rate": "eos_stop_rate",
-           "leak_rate": "template_leak_rate", "loop_rate": "repetition_rate"}
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "gguf", "reference", "metrics", "generations")
     ap.add_argument("--variant", required=True)
     args = parse_args(ap, argv)
     config = load_params(args.params)
     params = config.evaluate
-    ref = check_inputs(args.variant, args.gguf, args.reference, params)
-    from alpaca_lora_cpu.quantizer import describe
+    ref = check_inputs(args.variant, args.gguf, args.reference)
+    from alpaca_lora_cpu.metric_table import flat_paths
     from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
-    imatrix, recipe = describe(args.variant, config.quantize.recipes)
-    logged = {"variant": args.variant, "imatrix": imatrix, "recipe": recipe, "gguf": str(args.gguf),
+    v = parse(args.variant, config.quantize.recipes)
+    logged = {"variant": args.variant, "imatrix": v.imatrix, "recipe": v.recipe or "none", "kind": v.kind,
+              "gguf": str(args.gguf),
               "threads": params.threads, "max_new_tokens": params.max_new_tokens, "speed": as_dict(params.speed),
               "prompt": as_dict(config.prompt), "generate": {"stop": list(config.generate.stop)}}
     with stage_run("evaluate", logged, run_name=f"evaluate {args.variant}") as mlflow:
         metrics, rows = run(args.variant, args.gguf, ref, params, config.prompt.template, config.generate.stop)
         write_jsonl(args.generations, rows)
-        write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
+        # The same flat keys for every variant: one row each of `dvc metrics show`, one chart each in MLflow.
+        write_stage_metrics(mlflow, args.metrics, metrics, flat_paths())
         mlflow.set_tags({"variant": args.variant, "eval_run_id": metrics["run_id"]})
         mlflow.log_artifact(str(args.generations))
     log.info("%s: PPL %.3f, KLD %.5f, top-1 %.1f%%, gen %.1f tok/s", args.variant, metrics["ppl"],
-             metrics["kld_mean"], 100 * metrics["top1_agreement"], metrics["speed"]["gen_tps"])
+             metrics["kld_mean"], 100 * metrics["top1"], metrics["speed"]["gen_tps"])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run: python -m stages.finetune --params params.yaml --base models/base --data data/prepared \
        --out models/adapter --checkpoints models/checkpoints/finetune \
-       --metrics reports/metrics/finetune.json --plots reports/plots/finetune
+       --metrics reports/metrics/finetune.json --plots reports/plots/finetune --accelerate-configs configs/accelerate
 Distributed: the same command with `finetune.processes` > 1 (e.g. `dvc exp run -S finetune.processes=8`); the
 stage then starts itself under `accelerate launch` with configs/accelerate/<finetune.accelerate_config>.yaml.
 
@@ -32,15 +32,14 @@ from alpaca_lora_cpu.config import FinetuneParams, PromptParams, as_dict, load_p
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, read_jsonl, write_csv, write_text
 from alpaca_lora_cpu.launch import check_world, config_file, relaunch, world
+from alpaca_lora_cpu.tokenization import encode_all, load_tokenizer
 from alpaca_lora_cpu.training import (
     check_bitsandbytes,
     check_targets,
     choose_precision,
-    encode_all,
     evaluate_responses,
     linear_module_names,
     load_model,
-    load_tokenizer,
     make_collator,
     mlflow_callback,
     peak_rss_mb,
@@ -78,18 +77,6 @@ def check_inputs(params: FinetuneParams, paths: Paths) -> tuple[list[dict], list
     check_targets(params.lora, linear_module_names(paths.base))
     check_bitsandbytes(params.quantization)
     return train, val
-
-
-# ---------------------------------------------------------------- tokenization and batching
-
-
-# ---------------------------------------------------------------- loss on labelled positions only
-
-
-# ---------------------------------------------------------------- model
-
-
-# ---------------------------------------------------------------- checkpoints
 
 
 # ---------------------------------------------------------------- outputs

@@ -4,7 +4,8 @@ Run: python -m stages.imatrix --params params.yaml --merged models/merged --data
          --out models/imatrix/imatrix.gguf --metrics reports/metrics/imatrix.json
 
 Calibration text (`imatrix.source`): `train` (default: the training split, in the training prompt format,
-prompt + response + EOS, as the model saw it), `val`, or a local Alpaca JSON/JSONL/parquet file. Records are
+prompt + response + EOS, as the model saw it), `val`, or a local JSON/JSONL/parquet file of records in the
+`data.format` layout. Records are
 taken in order, each cut to `imatrix.chunk_size` tokens, until `imatrix.max_tokens`. The statistics come from
 forward hooks on the merged fp32 checkpoint (src/alpaca_lora_cpu/imatrix.py); the file is what
 `llama-quantize --imatrix` reads, and the quantize stage passes it to llama.cpp's quantizer for the
@@ -24,27 +25,30 @@ from alpaca_lora_cpu.files import atomic_path, ensure_writable, read_jsonl, sha2
 log = logging.getLogger("imatrix")
 
 
-def calibration_records(source: str, data: Path) -> tuple[list[dict], Path]:
-    """(records, the file they came from)."""
+def calibration_records(source: str, fmt: str, data: Path) -> tuple[list[dict], Path]:
+    """(records, the file they came from): a prepared split, or a local file read and validated as prepare does."""
     if source in ("train", "val"):
         path = data / f"{source}.jsonl"
         return read_jsonl(path, f"{source} split", "run the prepare stage first"), path
-    from alpaca_lora_cpu.alpaca_data import clean, read_local
+    from alpaca_lora_cpu.records import Loaded, clean, read_local
 
     path = Path(source)
     if not path.is_file():
         raise StageError(f"imatrix.source: {source} is neither train, val nor an existing file")
-    records, _ = clean(read_local(path), "drop")
+    records, _ = clean(Loaded(read_local(path, fmt), source, False, fmt), "drop")
     return records, path
 
 
 def token_sequences(records: list[dict], tokenizer, template: str, params: ImatrixParams) -> list[list[int]]:
     """Each record as the model was trained on it, cut to chunk_size, until max_tokens in all."""
-    from alpaca_lora_cpu.training import encode
+    from alpaca_lora_cpu.tokenization import encode
 
     out, total = [], 0
     for record in records:
-        ids = encode(record, tokenizer, template, params.chunk_size, train_on_inputs=True)["input_ids"]
+        try:
+            ids = encode(record, tokenizer, template, params.chunk_size, train_on_inputs=True)["input_ids"]
+        except ValueError as exc:  # a template that cannot render the record
+            raise StageError(f"imatrix: prompt.template {template}: {exc}") from exc
         ids = ids[:params.max_tokens - total]
         if len(ids) < 2:
             break
@@ -55,14 +59,14 @@ def token_sequences(records: list[dict], tokenizer, template: str, params: Imatr
     return out
 
 
-def run(params: ImatrixParams, template: str, merged: Path, data: Path, out: Path) -> dict:
+def run(params: ImatrixParams, template: str, fmt: str, merged: Path, data: Path, out: Path) -> dict:
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alpaca_lora_cpu.imatrix import Imatrix, collect, write
 
-    records, source_file = calibration_records(params.source, data)
+    records, source_file = calibration_records(params.source, fmt, data)
     if not (merged / "config.json").is_file():
         raise StageError(f"{merged}: no config.json (run the merge stage first)")
     tokenizer = AutoTokenizer.from_pretrained(merged)
@@ -94,8 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     ensure_writable(args.out, args.metrics)
     from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
-    with stage_run("imatrix", {"imatrix": as_dict(params), "prompt": as_dict(config.prompt)}) as mlflow:
-        metrics = run(params, config.prompt.template, args.merged, args.data, args.out)
+    with stage_run("imatrix", {"imatrix": as_dict(params), "prompt": as_dict(config.prompt),
+                               "data": {"format": config.data.format}}) as mlflow:
+        metrics = run(params, config.prompt.template, config.data.format, args.merged, args.data, args.out)
         write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
         mlflow.log_params({"imatrix.calibration_sha256": metrics["calibration_sha256"]})
     log.info("imatrix of %d tensors over %d tokens (%d chunks) of %s in %.0f s → %s", metrics["tensors"],

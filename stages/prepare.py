@@ -1,10 +1,12 @@
-"""prepare: sample ~1% of the Alpaca instruction data into train/val JSONL, validated and deterministic.
+"""prepare: sample ~1% of the instruction data into train/val JSONL, validated, normalized and deterministic.
 
 Run: python -m stages.prepare --params params.yaml --out data/prepared --metrics reports/metrics/prepare.json
 
 `data.source` is a Hugging Face Hub dataset id (default yahma/alpaca-cleaned) or a local .json/.jsonl/.parquet
-file of Alpaca records. When the Hub cannot be reached, the bundled sample (data/sample/) is used instead,
-all of it, with a warning; the source actually used is recorded in the manifest, the metrics and MLflow.
+file, of records in the `data.format` layout (alpaca, sharegpt or messages: alpaca_lora_cpu/records.py). When the
+Hub cannot be reached, the bundled sample of that layout (data/sample/) is used instead, all of it, with a warning;
+the source actually used is recorded in the manifest, the metrics and MLflow. The splits hold normalized records
+(Alpaca records, or `messages` conversations), the shapes every later stage reads through prompts.to_turns.
 """
 from __future__ import annotations
 
@@ -12,22 +14,14 @@ import logging
 import random
 from pathlib import Path
 
-from alpaca_lora_cpu.alpaca_data import Loaded, clean, load_source
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import DataParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, ensure_writable, sha256_file, write_json, write_jsonl
+from alpaca_lora_cpu.records import Loaded, clean, load_source, shape_counts
 
 log = logging.getLogger("prepare")
 
-
-# ---------------------------------------------------------------- loading
-
-
-# ---------------------------------------------------------------- validation
-
-
-# ---------------------------------------------------------------- sampling
 
 def sample_split(records: list[dict], p: DataParams, take_all: bool) -> tuple[list[dict], list[dict]]:
     """Deterministic sample (seeded) and train/val split; same inputs → same outputs, byte for byte."""
@@ -44,7 +38,7 @@ def sample_split(records: list[dict], p: DataParams, take_all: bool) -> tuple[li
 
 
 def run(params: DataParams, out_dir: Path, loaded: Loaded | None = None) -> dict:
-    loaded = loaded or load_source(params.source)
+    loaded = loaded or load_source(params.source, params.format)
     records, dropped = clean(loaded, params.on_invalid)
     train, val = sample_split(records, params, take_all=loaded.fallback)
     with atomic_path(out_dir) as tmp:
@@ -58,9 +52,11 @@ def run(params: DataParams, out_dir: Path, loaded: Loaded | None = None) -> dict
             "records_in_source": len(loaded.records),
             "records_valid": len(records),
             "dropped": dict(dropped),
+            "format": params.format,
+            "format_used": loaded.format,
             "train_records": len(train),
             "val_records": len(val),
-            "with_input": sum(bool(r["input"]) for r in train + val),
+            **shape_counts(train + val),
             "sha256": {name: sha256_file(tmp / name) for name in ("train.jsonl", "val.jsonl")},
             "params": as_dict(params),
         }
@@ -69,13 +65,13 @@ def run(params: DataParams, out_dir: Path, loaded: Loaded | None = None) -> dict
 
 
 def metrics_of(manifest: dict) -> dict:
-    keys = ("source_used", "offline_fallback", "records_in_source", "records_valid", "dropped",
-            "train_records", "val_records", "with_input")
+    keys = ("source_used", "format_used", "offline_fallback", "records_in_source", "records_valid", "dropped",
+            "train_records", "val_records", "with_input", "multi_turn")
     return {k: manifest[k] for k in keys}
 
 
 # The DVC metric (flat numbers); the whole record goes to prepare.details.json.
-METRICS = ["train_records", "val_records", "records_valid", "with_input", "offline_fallback"]
+METRICS = ["train_records", "val_records", "records_valid", "with_input", "multi_turn", "offline_fallback"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(ap, argv)
     params = load_params(args.params).data
     ensure_writable(args.out, args.metrics)
-    loaded = load_source(params.source)
+    loaded = load_source(params.source, params.format)
     clean(loaded, params.on_invalid)  # bad records fail here, before tracking opens
     from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 

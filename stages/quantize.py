@@ -2,6 +2,7 @@
 
 Run (dvc.yaml runs one `quantize@<type>` per entry of `quantize.types`, each cached on its own):
     python -m stages.quantize --params params.yaml --type q4_k_m --src models/gguf/finetuned-reference.gguf \
+        --imatrix models/imatrix/imatrix.gguf --searched models/search/recipe.json \
         --out models/gguf/finetuned-q4_k_m.gguf --modelfile models/gguf/finetuned-q4_k_m.Modelfile \
         --metrics reports/metrics/quantize/q4_k_m.json
 
@@ -24,10 +25,8 @@ from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import PromptParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, ensure_writable, write_text
-from alpaca_lora_cpu.prompts import ALPACA_NO_INPUT, stop_sequences
+from alpaca_lora_cpu.prompts import render, stop_sequences
 from alpaca_lora_cpu.quantizer import (
-    IMAT,
-    SEARCHED,
     Plan,
     asked_type,
     imatrix_entries,
@@ -36,6 +35,7 @@ from alpaca_lora_cpu.quantizer import (
     read_recipe,
     recipe_type,
 )
+from alpaca_lora_cpu.variants import SEARCHED
 
 log = logging.getLogger("quantize")
 FALLBACK = re.compile(r"^\S*warning:\s*(\S+)\s+- ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\S+)\)"
@@ -73,15 +73,15 @@ def other_types(infos: list, plan: Plan, log_lines: list[str]) -> dict:
     return {r: {**g, "stored": dict(sorted(g["stored"].items()))} for r, g in groups.items()}
 
 
-def modelfile(gguf_name: str, template: str, eos: list[str], extra: tuple[str, ...] = ()) -> str:
-    """An Ollama Modelfile: FROM the GGUF beside it, the training prompt template, and the project's stop
-    sequences (prompts.stop_sequences) plus the model's EOS text."""
-    if template == "alpaca":
-        body = ALPACA_NO_INPUT.replace("{instruction}", "{{ .Prompt }}")
-    else:  # the ChatML layout of SmolLM2-style chat templates, in Ollama's Go template syntax
-        body = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-                "<|im_start|>assistant\n")
-    stops = [*stop_sequences(template, extra, end_token="<|im_end|>"), *eos]
+def modelfile(gguf_name: str, template: str, eos: str | None, extra: tuple[str, ...] = (), chat=None) -> str:
+    """An Ollama Modelfile: FROM the GGUF beside it, the prompt layout training used (`prompt.template`, a chat
+    template rendered around Ollama's `{{ .Prompt }}`), and the project's stop sequences (prompts.stop_sequences)
+    plus the model's EOS text."""
+    try:
+        body = render(template, "{{ .Prompt }}", "", chat)
+    except ValueError as exc:
+        raise StageError(f"prompt.template {template}: {exc} (the GGUF {gguf_name} has none)") from exc
+    stops = [*stop_sequences(template, extra, end_token=eos), *([eos] if eos else [])]
     lines = [f"# Ollama: ollama create {Path(gguf_name).stem} -f {Path(gguf_name).stem}.Modelfile "
              f"(run it in this folder), then ollama run {Path(gguf_name).stem}",
              f"FROM ./{gguf_name}", f'TEMPLATE """{body}"""']
@@ -103,22 +103,28 @@ def smoke_test(path: Path) -> None:
 
 def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: Path,
         extra_stops: tuple[str, ...] = (), imatrix: Path | None = None) -> dict:
-    from alpaca_lora_cpu.gguf_files import bits_per_weight, check_gguf, eos_text, tensor_infos, type_counts
+    from alpaca_lora_cpu.gguf_files import (
+        bits_per_weight,
+        chat_template,
+        check_gguf,
+        eos_text,
+        tensor_infos,
+        type_counts,
+    )
 
     if plan.imatrix and (imatrix is None or not imatrix.is_file()):
         raise StageError(f"{plan.name} needs the importance matrix: {imatrix} not found (run the imatrix stage)")
     reader = check_gguf(src)
     ensure_writable(out)
     ensure_writable(modelfile_out)
-    eos = eos_text(reader)
-    stops = [eos] if eos else []
+    text = modelfile(out.name, prompt.template, eos_text(reader), extra_stops, chat_template(reader))
     with atomic_path(out) as tmp:
         seconds, lines = quantize_file(src, tmp, plan, imatrix if plan.imatrix else None)
         infos = tensor_infos(tmp)
         smoke_test(tmp)
         metrics = {
             "type": plan.name, "level": plan.qtype, "asked_tensor_type": asked_type(plan.qtype),
-            "recipe": int(plan.name not in (plan.qtype, plan.qtype + IMAT)), "imatrix": int(plan.imatrix),
+            "recipe": int(plan.recipe), "imatrix": int(plan.imatrix),
             "imatrix_entries": imatrix_entries(lines), "file_bytes": tmp.stat().st_size,
             "file_mib": tmp.stat().st_size / 2**20,
             "size_mb": tmp.stat().st_size / 1e6, "bits_per_weight": bits_per_weight(infos),
@@ -127,7 +133,7 @@ def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
         }
         if plan.imatrix and not metrics["imatrix_entries"]:
             raise StageError(f"{plan.name}: llama.cpp did not report using the importance matrix {imatrix}")
-        write_text(modelfile_out, modelfile(out.name, prompt.template, stops, extra_stops))
+        write_text(modelfile_out, text)
     return metrics
 
 

@@ -4,8 +4,9 @@ Run: python -m stages.reference --params params.yaml --gguf models/gguf/finetune
          --merged models/merged --val data/prepared/val.jsonl --out models/reference \
          --metrics reports/metrics/reference.json
 
-- Renders the held-out records with the prompt template (alpaca_lora_cpu/prompts.py) and tokenizes prompt and response
-  with the GGUF's own tokenizer (prompt masked: only response tokens and the closing EOS are scored).
+- Renders the held-out records with the prompt template (alpaca_lora_cpu/prompts.py: a conversation's last answer
+  after everything before it) and tokenizes prompt and response with the GGUF's own tokenizer (prompt masked: only
+  response tokens and the closing EOS are scored).
 - Runs finetuned (llama.cpp, like `llama-perplexity --kl-divergence-base`) and stores, per response
   position, its top-`reference.top_k` log-probs, the exact log-mass of the rest and the correct token's
   log-prob (see src/alpaca_lora_cpu/metrics.py for why that is enough for KLD, top-1 and Δp).
@@ -29,33 +30,39 @@ from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import ReferenceParams, SpeedParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, read_jsonl, sha256_file, write_json, write_jsonl
-from alpaca_lora_cpu.prompts import render, render_record
+from alpaca_lora_cpu.prompts import last_turn, render, to_turns
 
 log = logging.getLogger("reference")
 
 
 def read_val(path: Path) -> list[dict]:
+    """The prepared validation records (normalized by the prepare stage)."""
     rows = read_jsonl(path, "validation split", "run the prepare stage")
     if not rows:
         raise StageError(f"validation split {path} is empty: nothing to evaluate (check data.val_size / "
                          f"data.max_samples)")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) \
-                or not isinstance(row.get("output"), str):
-            raise StageError(f"validation split {path}: record {i} is not an Alpaca record")
     return rows
 
 
-def _load_tokenizer(merged: Path, template: str):
-    """The HF tokenizer, only for the chat template (the alpaca template is plain text)."""
-    if template != "chat":
-        return None
-    from transformers import AutoTokenizer
+def prompt_pairs(records: list[dict], template: str, gguf: Path, val: Path) -> list[tuple[str, str]]:
+    """(prompt, reference answer) of each record, rendered with the GGUF's own chat template where `chat`."""
+    from alpaca_lora_cpu.gguf_files import chat_template, check_gguf, eos_text
 
-    return AutoTokenizer.from_pretrained(merged)
+    reader = check_gguf(gguf)
+    chat, eos = chat_template(reader), eos_text(reader) or ""
+    pairs = []
+    for i, record in enumerate(records):
+        try:
+            pairs.append(last_turn(to_turns(record, template, chat), eos))
+        except ValueError as exc:  # the template cannot render it
+            raise StageError(f"prompt.template {template}: {exc} ({gguf})") from exc
+        except (AttributeError, KeyError, IndexError, TypeError) as exc:
+            raise StageError(f"validation split {val}: record {i} is neither an Alpaca record nor a conversation "
+                             f"({type(exc).__name__}: {exc}); rerun the prepare stage") from exc
+    return pairs
 
 
-def score_reference(gguf: Path, records: list[dict], prompts: list[str], params: ReferenceParams, threads: int):
+def score_reference(gguf: Path, pairs: list[tuple[str, str]], params: ReferenceParams, threads: int):
     """Token sequences and the reference's compact distributions over every response position."""
     from tqdm import tqdm
 
@@ -63,8 +70,7 @@ def score_reference(gguf: Path, records: list[dict], prompts: list[str], params:
     from alpaca_lora_cpu.metrics import top_k_summary
 
     with open_llama(gguf, threads=threads, n_ctx=64) as probe:
-        seqs = [tokenize_record(probe, p, r["output"], params.max_response_tokens)
-                for p, r in zip(prompts, records, strict=True)]
+        seqs = [tokenize_record(probe, prompt, answer, params.max_response_tokens) for prompt, answer in pairs]
         n_vocab = probe.n_vocab()
     n_ctx = max(len(ids) for ids, _ in seqs)
     parts = []
@@ -138,16 +144,18 @@ def check_inputs(gguf: Path, merged: Path, val: Path) -> list[dict]:
 
 def run(params: ReferenceParams, template: str, threads: int, speed: SpeedParams, gguf: Path, merged: Path,
         val: Path, records: list[dict], out_dir: Path) -> dict:
+    from alpaca_lora_cpu.gguf_files import chat_template, check_gguf
+
     records = records[:params.max_records] if params.max_records else records
-    tokenizer = _load_tokenizer(merged, template)
-    prompts = [render_record(template, r, tokenizer) for r in records]
+    pairs = prompt_pairs(records, template, gguf, val)
     n_gen = min(params.generate_records or len(records), len(records))
     gguf_sha, val_sha = sha256_file(gguf), sha256_file(val)
-    arrays, n_vocab = score_reference(gguf, records, prompts, params, threads)
+    arrays, n_vocab = score_reference(gguf, pairs, params, threads)
     hf = hf_speed(merged, threads, speed)
     run_id = run_id_of(gguf_sha, val_sha, params, template)
-    rows = [{"kind": "val", "id": i, "prompt": prompts[i], "reference": records[i]["output"]} for i in range(n_gen)]
-    rows += [{"kind": "showcase", "id": i, "instruction": text, "prompt": render(template, text, "", tokenizer),
+    chat = chat_template(check_gguf(gguf))
+    rows = [{"kind": "val", "id": i, "prompt": pairs[i][0], "reference": pairs[i][1]} for i in range(n_gen)]
+    rows += [{"kind": "showcase", "id": i, "instruction": text, "prompt": render(template, text, "", chat),
               "reference": None} for i, text in enumerate(params.showcase_prompts)]
     meta = {
         "run_id": run_id, "gguf": str(gguf), "gguf_sha256": gguf_sha, "val": str(val), "val_sha256": val_sha,

@@ -155,9 +155,9 @@ def _measure(src: str, dst: str, plan, imatrix: str, ref: str, threads: int) -> 
     """Quantize `plan` and score it: (mean KLD against the reference over the calibration positions, bytes)."""
     from alpaca_lora_cpu.llama import all_logits, open_llama
     from alpaca_lora_cpu.metrics import TopK, kld_top_k, log_probs
-    from alpaca_lora_cpu.quantizer import _quantize
+    from alpaca_lora_cpu.quantizer import quantize_here
 
-    rc, _, lines = _quantize(src, dst, plan, threads, imatrix)
+    rc, _, lines = quantize_here(src, dst, plan, threads, imatrix)
     if rc != 0:
         raise StageError(f"llama.cpp's quantizer failed on a search candidate: {(lines or ['?'])[-1][:200]}")
     z = np.load(ref)
@@ -191,21 +191,26 @@ def check_types(path: str, plan) -> None:
 # ---------------------------------------------------------------- the search
 
 
-def calibration_texts(data: Path) -> list[str]:
-    """Train records as Alpaca prompt + response: KLD is compared between candidates on the same text, so the
-    layout need not be `prompt.template`'s (a chat template would need the tokenizer here)."""
-    from alpaca_lora_cpu.prompts import render_record
+def calibration_texts(data: Path, template: str, src: Path) -> list[str]:
+    """Train records whole, in `prompt.template` (a chat template is the reference GGUF's own), as trained on."""
+    from alpaca_lora_cpu.gguf_files import chat_template, check_gguf, eos_text
+    from alpaca_lora_cpu.prompts import full_text, to_turns
 
     records = read_jsonl(data / "train.jsonl", "train split", "run the prepare stage first")
-    return [render_record("alpaca", r) + r["output"] for r in records]
+    reader = check_gguf(src)
+    chat, eos = chat_template(reader), eos_text(reader) or ""
+    try:
+        return [full_text(to_turns(r, template, chat), eos) for r in records]
+    except ValueError as exc:
+        raise StageError(f"prompt.template {template}: {exc} ({src})") from exc
 
 
 def stock_q4_0_bytes(src: Path, work: Path, threads: int) -> int:
     from alpaca_lora_cpu.native import call_in_child
-    from alpaca_lora_cpu.quantizer import Plan, _quantize
+    from alpaca_lora_cpu.quantizer import Plan, quantize_here
 
     dst = work / "stock-q4_0.gguf"
-    rc, _, _ = call_in_child(_quantize, str(src), str(dst), Plan("q4_0", "q4_0", False), threads, None, file=src,
+    rc, _, _ = call_in_child(quantize_here, str(src), str(dst), Plan("q4_0", "q4_0", False), threads, None, file=src,
                              action="quantizing q4_0 for the budget")
     if rc != 0:
         raise StageError(f"llama.cpp could not quantize {src} to q4_0 for the search budget")
@@ -233,7 +238,7 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
         work = Path(tmp)
         budget = params.budget_mib * MIB if params.budget_mib else stock_q4_0_bytes(src, work, threads)
         ref = str(work / "reference.npz")
-        tokens = call_in_child(_reference, str(src), calibration_texts(data),
+        tokens = call_in_child(_reference, str(src), calibration_texts(data, prompt.template, src),
                                params.calibration_tokens, params.top_k, ref, threads, file=src,
                                action="scoring the reference")
         log.info("budget %.1f MiB; %d calibration tokens; groups: %s", budget / MIB, tokens,
@@ -246,7 +251,7 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
                 recipe = recipe_of(assignment)
                 plans.append(Plan(f"{phase}-{i}", "q8_0", True, recipe["token_embedding"].upper(),
                                   recipe["output"].upper(),
-                                  tuple((k, v.upper()) for k, v in recipe["overrides"].items())))
+                                  tuple((k, v.upper()) for k, v in recipe["overrides"].items()), recipe=True))
             results = call_in_child(_measure_all, str(src), str(work / "candidate.gguf"), plans, str(imatrix), ref,
                                     threads, f"search {phase}", file=src, action=f"measuring search {phase} candidates")
             for assignment, (kld, size) in zip(assignments, results, strict=True):

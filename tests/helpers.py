@@ -72,16 +72,12 @@ def make_adapter(model_dir: Path, out: Path, trained: bool = True, r: int = 4) -
 
 
 def quantize_gguf(src: Path, dst: Path, qtype: str) -> Path:
-    """llama.cpp's quantizer through llama-cpp-python (qtype: q8_0, q4_0, …)."""
-    import ctypes
+    """llama.cpp's quantizer (the project's one ctypes call, quantizer.quantize_here; qtype: q8_0, q4_0, …)."""
+    from alpaca_lora_cpu.quantizer import Plan, quantize_here
 
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
-    params.nthread = 2
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"quantizing {src} to {qtype} failed")
+    rc, _, lines = quantize_here(str(src), str(dst), Plan(qtype, qtype, False), 2)
+    if rc != 0:
+        raise RuntimeError(f"quantizing {src} to {qtype} failed: {lines[-1:]}")
     return dst
 
 
@@ -119,31 +115,27 @@ def shrink_params(repo: Path, quants: list[str], overrides: dict | None = None) 
         "imatrix": {"max_tokens": 256, "chunk_size": 128},
         "search": {"calibration_tokens": 128, "types": ["q4_0", "q8_0"], "top_k": 32, "verify": 1},
     })
-    # Replaced, not merged: only the kept quantization levels get evaluate stages.
-    doc["evaluate"]["variants"] = {k: v for k, v in doc["evaluate"]["variants"].items()
-                                   if k in ("base", "finetuned", *quants)}
     _merge(doc, overrides or {})
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-# A finetune-stage run on the tiny model: a few seconds, every code path of the real stage.
+# What a finetune-stage run on the tiny model changes in params.yaml (a few seconds, every code path of the real
+# stage). Every other key is params.yaml's own, so a new finetune param needs no edit here.
 TINY = {
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
     "epochs": 1, "learning_rate": 5.0e-3, "batch_size": 4, "micro_batch_size": 2, "cutoff_len": 96,
-    "warmup_steps": 0, "train_on_inputs": False, "group_by_length": True, "packing": True, "precision": "fp32",
-    "bf16_min_speedup": 1.3, "quantization": "none", "eval_steps": 2, "save_steps": 2, "seed": 0, "max_steps": 4,
-    "processes": 1, "accelerate_config": "ddp",
+    "warmup_steps": 0, "group_by_length": True, "precision": "fp32", "eval_steps": 2, "save_steps": 2, "seed": 0,
+    "max_steps": 4,
 }
 
 
 def setup_run(tmp_path: Path, model_dir: Path, n_train: int = 16, n_val: int = 4, **overrides) -> tuple[Path, list]:
-    """params.yaml (the repo's, with TINY training) + data folder for a run on `model_dir`; (workdir, CLI args)."""
-    finetune = {**TINY, **overrides}
-    if "lora" in overrides:
-        finetune["lora"] = {**TINY["lora"], **overrides["lora"]}
-    # Every stage checks the whole file, so the other sections come along unchanged.
+    """params.yaml (the repo's, with TINY training and `overrides` of finetune keys) + data folder for a run on
+    `model_dir`; (workdir, CLI args)."""
     doc = yaml.safe_load((ROOT / "params.yaml").read_text())
-    doc.update(finetune=finetune, prompt={"template": "alpaca"})
+    _merge(doc["finetune"], TINY)
+    _merge(doc["finetune"], overrides)
+    doc["prompt"] = {"template": "alpaca"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
@@ -159,3 +151,44 @@ def setup_run(tmp_path: Path, model_dir: Path, n_train: int = 16, n_val: int = 4
 
 def finetune(cwd: Path, args: list, env: dict | None = None):
     return run_module("stages.finetune", *args, cwd=cwd, env={"PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def dvc_commands(repo: Path = ROOT) -> dict[str, str]:
+    """Every stage instance's command in dvc.yaml (`evaluate@q4_0`, …; foreach lists and dicts expanded from
+    params.yaml as DVC does), whitespace normalised: the one place a stage's command line is written."""
+    import functools
+    import re
+
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    out = {}
+    for name, stage in stages.items():
+        if "foreach" not in stage:
+            out[name] = " ".join(stage["cmd"].split())
+            continue
+        items = stage["foreach"]
+        if isinstance(items, str):  # ${section.key} from params.yaml
+            items = functools.reduce(lambda node, part: node[part], items.strip("${}").split("."), params)
+        pairs = items.items() if isinstance(items, dict) else ((i, i) for i in items)
+        for key, item in pairs:
+            def fill(m, key=key, item=item):
+                path = m.group(1).split(".")
+                if path[0] == "key":
+                    return str(key)
+                value = item
+                for p in path[1:]:
+                    value = value[p]
+                return str(value)
+            out[f"{name}@{key}"] = " ".join(re.sub(r"\$\{((?:item|key)(?:\.\w+)*)\}", fill, stage["do"]["cmd"]).split())
+    return out
+
+
+def stage_options() -> dict[str, tuple[str, ...]]:
+    """stages.<module> → the options its dvc.yaml command passes (besides --params)."""
+    import re
+
+    out = {}
+    for cmd in dvc_commands().values():
+        module = re.search(r"-m (stages\.\w+)", cmd).group(1)
+        out[module] = tuple(o[2:] for o in cmd.split() if o.startswith("--") and o != "--params")
+    return out

@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 import yaml
-from helpers import ROOT, run_module
+from helpers import ROOT, run_module, stage_options
 
 from alpaca_lora_cpu.config import Params, build, load_params
 from alpaca_lora_cpu.errors import StageError
@@ -69,7 +69,7 @@ def test_repo_params_load_for_every_section():
     assert params.data.fraction == doc["data"]["fraction"]
     assert [f.name for f in dataclasses.fields(Params)] == list(doc)  # one field per section, in file order
     assert params.quantize.types == tuple(doc["quantize"]["types"])
-    assert params.evaluate.variants == doc["evaluate"]["variants"]
+    assert params.data.format == doc["data"]["format"]
 
 
 def test_malformed_params_file_is_one_line_error(tmp_path):
@@ -129,35 +129,29 @@ def test_missing_section_stops_prepare_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize("types, needle", [
-    (["q4_0", "q5_0"], "quantize.types has 'q5_0' but no evaluate.variants entry has the GGUF stem 'finetuned-q5_0'"),
     (["q4_0", "q4_0"], "quantize.types lists 'q4_0' more than once"),
     ([], "quantize.types must list at least one"),
+    (["q4_0", "base"], "quantize.types: 'base' is an unquantized variant"),
 ])
-def test_quantize_types_are_checked_against_evaluate_variants(tmp_path, types, needle):
+def test_quantize_types_are_checked(tmp_path, types, needle):
     assert needle in one_line_error(write_params(tmp_path, lambda d: d["quantize"].update(types=types)))
 
 
-def test_a_variant_name_alone_does_not_cover_a_quantize_type(tmp_path):
+@pytest.mark.parametrize("name, needle", [
+    ("finetuned", "quantize.recipes.finetuned: 'finetuned' is the unquantized finetuned variant's name"),
+    ("emb-imat", "quantize.recipes.emb-imat: a recipe name must not end in -imat"),
+])
+def test_recipe_names_cannot_collide_with_other_variants(tmp_path, name, needle):
     def edit(doc):
-        doc["evaluate"]["variants"]["q4_0"] = "finetuned-q4_0-old"
+        doc["quantize"]["recipes"][name] = doc["quantize"]["recipes"]["emb-q4"]
 
-    assert "'q4_0'" in one_line_error(write_params(tmp_path, edit))
+    assert needle in one_line_error(write_params(tmp_path, edit))
 
 
-# Every command-line entry point with its required options (given dummy paths: the params check comes first).
+# Every command-line entry point with its options (given dummy paths: the params check comes first): the stages'
+# as dvc.yaml runs them, the tools' required ones.
 ENTRY_POINTS = {
-    "stages.base": ("out", "metrics"),
-    "stages.prepare": ("out", "metrics"),
-    "stages.finetune": ("base", "data", "out", "checkpoints", "metrics", "plots", "accelerate-configs"),
-    "stages.merge": ("base", "adapter", "val", "out", "metrics"),
-    "stages.consolidate": ("merged", "val", "out", "metrics"),
-    "stages.convert": ("model", "val", "out", "metrics"),
-    "stages.imatrix": ("merged", "data", "out", "metrics"),
-    "stages.search": ("src", "imatrix", "data", "out", "candidates", "metrics"),
-    "stages.quantize": ("type", "src", "out", "modelfile", "metrics"),
-    "stages.reference": ("gguf", "merged", "val", "out", "metrics"),
-    "stages.evaluate": ("variant", "gguf", "reference", "metrics", "generations"),
-    "stages.report": ("evaluated", "reference", "generations", "loss", "out", "figures", "table", "metrics"),
+    **stage_options(),
     "tools.generate": ("model", "prompt"),
     "tools.serve": ("model",),
     "tools.bench_infer": ("gguf",),
@@ -170,9 +164,9 @@ def test_entry_point_list_is_complete():
     found = {f"{p.parent.name}.{p.stem}" for folder in ("stages", "tools") for p in (ROOT / folder).glob("*.py")
              if re.search(r"^def main\(", p.read_text(), re.MULTILINE)}
     # make setup's llama.cpp build and plots template run before anything reads params.yaml; the MLflow views and
-    # the README's metrics table read only the tracking store and `dvc metrics show`
+    # the results guide's metrics table read only the tracking store and `dvc metrics show`
     assert found - {"tools.llama_build", "tools.plots_template", "tools.mlflow_views",
-                    "tools.readme_metrics"} == set(ENTRY_POINTS)
+                    "tools.results_table"} == set(ENTRY_POINTS)
 
 
 @pytest.mark.parametrize("module", sorted(ENTRY_POINTS))

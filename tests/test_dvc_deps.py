@@ -4,41 +4,51 @@ from __future__ import annotations
 
 import ast
 import re
+from pathlib import Path
 
 import yaml
 from helpers import ROOT
 
 LIB = "alpaca_lora_cpu"
-FOLDERS = {"stages": ROOT / "stages", LIB: ROOT / "src" / LIB}
+ROOTS = {"stages": ROOT, LIB: ROOT / "src"}  # where each top-level project package lives
 
 
-def module_file(package: str, name: str) -> str:
-    return str((FOLDERS[package] / f"{name}.py").relative_to(ROOT))
+def module_file(dotted: str) -> Path | None:
+    """The project file of a dotted module name (a module or a package's __init__), None outside the project."""
+    parts = dotted.split(".")
+    if parts[0] not in ROOTS:
+        return None
+    base = ROOTS[parts[0]].joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported(node: ast.AST) -> list[str]:
+    """Dotted names an import statement may load (for `from a import b`, both a and a.b)."""
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    return []
 
 
 def stage_modules(module: str) -> set[str]:
-    """Project files `stages.<module>` imports, directly or through other project modules (lazy imports too)."""
-    seen: set[tuple[str, str]] = set()
-    todo = [("stages", module)]
+    """Project files `stages.<module>` imports, directly or through other project modules (lazy imports too);
+    a package's __init__.py counts where it is imported, and so do the parents of every module loaded."""
+    seen: set[Path] = set()
+    todo = [module_file(f"stages.{module}")]
     while todo:
-        item = todo.pop()
-        if item in seen:
+        path = todo.pop()
+        if path is None or path in seen:
             continue
-        seen.add(item)
-        tree = ast.parse((FOLDERS[item[0]] / f"{item[1]}.py").read_text())
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module in FOLDERS:
-                names = [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for name in names:
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            for name in imported(node):
                 parts = name.split(".")
-                if parts[0] in FOLDERS and len(parts) > 1 and (FOLDERS[parts[0]] / f"{parts[1]}.py").is_file():
-                    todo.append((parts[0], parts[1]))
-    return {module_file(*item) for item in seen}
+                todo += [module_file(".".join(parts[:i])) for i in range(2, len(parts) + 1)]
+    return {str(p.relative_to(ROOT)) for p in seen}
 
 
 def declared(body: dict) -> set[str]:
@@ -63,3 +73,5 @@ def test_the_import_walk_sees_library_modules():
     """The check above is only as good as this walk: quantize reaches native through llama."""
     found = stage_modules("quantize")
     assert {"stages/quantize.py", f"src/{LIB}/llama.py", f"src/{LIB}/native.py", f"src/{LIB}/errors.py"} <= found
+    # a package's modules, and the package itself (report's parts live in alpaca_lora_cpu/report/)
+    assert {f"src/{LIB}/report/__init__.py", f"src/{LIB}/report/targets.py"} <= stage_modules("report")

@@ -10,20 +10,20 @@ import pytest
 import yaml
 from helpers import ROOT, make_records, run_module
 
-VARIANTS = {"base": "base-reference", "finetuned": "finetuned-reference", "q8_0": "finetuned-q8_0",
-            "q4_0": "finetuned-q4_0"}
+from alpaca_lora_cpu.variants import gguf_stem, names
+
+QUANTS = ["q8_0", "q4_0"]
+VARIANTS = {v: gguf_stem(v) for v in names(QUANTS)}  # base, finetuned, q8_0, q4_0 → their GGUF stems
 
 
-def small_params(dst: Path, variants: dict = VARIANTS) -> Path:
+def small_params(dst: Path) -> Path:
     """The repo's params.yaml with the evaluation cut down to tiny sizes."""
     doc = yaml.safe_load((ROOT / "params.yaml").read_text())
     doc["reference"].update(max_records=None, max_response_tokens=12, top_k=32, generate_records=2,
                             showcase_prompts=["Building a website can be done in 10 simple steps:",
                                               "Tell me about alpacas."])
-    doc["evaluate"].update(variants=variants, threads=2, max_new_tokens=6,
-                           speed={"prompt_tokens": 32, "gen_tokens": 8, "runs": 3})
-    # Every stage checks the whole file: each quantize type needs its variant, so only the ones kept here stay.
-    doc["quantize"]["types"] = [t for t in doc["quantize"]["types"] if variants.get(t) == f"finetuned-{t}"]
+    doc["evaluate"].update(threads=2, max_new_tokens=6, speed={"prompt_tokens": 32, "gen_tokens": 8, "runs": 3})
+    doc["quantize"]["types"] = QUANTS  # the variants evaluated here: base, finetuned and these
     path = dst / "params.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -103,7 +103,7 @@ def test_reference_metrics_of_each_variant(evaluated):
     assert ref["records"] == 3 and ref["positions"] > 0 and ref["hf_fp32"]["gen_tps"] > 0
     f16, q8, q4 = (metrics(evaluated, v) for v in ("finetuned", "q8_0", "q4_0"))
     # The reference against itself: same logits, so zero divergence and the reference's own perplexity.
-    assert f16["kld_mean"] < 1e-6 and f16["top1_agreement"] == 1.0 and f16["rms_delta_p"] < 1e-6
+    assert f16["kld_mean"] < 1e-6 and f16["top1"] == 1.0 and f16["rms_dp"] < 1e-6
     assert f16["ppl"] == pytest.approx(ref["reference_ppl"], rel=1e-5)
     # Coarser quantization moves the distributions further.
     assert 0 < q8["kld_mean"] < q4["kld_mean"] and q4["kld_max"] >= q4["kld_p99"] >= 0
@@ -112,8 +112,8 @@ def test_reference_metrics_of_each_variant(evaluated):
     for m in (f16, q8, q4):
         assert m["run_id"] == ref["run_id"] and m["positions"] == ref["positions"]
         assert m["speed"]["threads"] == 2 and len(m["speed"]["gen_tps_runs"]) == 3 and m["speed"]["peak_rss_mb"] > 0
-        assert 0 <= m["eos_stop_rate"] <= 1 and 0 <= m["template_leak_rate"] <= 1 and 0 <= m["repetition_rate"] <= 1
-        assert m["mean_answer_tokens"] > 0 and 0 <= m["rouge_l_f1"] <= 1 and m["generated_prompts"] == 4
+        assert 0 <= m["stop_rate"] <= 1 and 0 <= m["leak_rate"] <= 1 and 0 <= m["loop_rate"] <= 1
+        assert m["answer_tokens"] > 0 and 0 <= m["rouge_l"] <= 1 and m["generated_prompts"] == 4
     rows = [json.loads(x) for x in (evaluated / "reports/evaluate/q4_0.generations.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["val", "val", "showcase", "showcase"]
     assert all(r["tokens"] <= 6 for r in rows)

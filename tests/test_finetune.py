@@ -17,7 +17,7 @@ from helpers import ROOT, finetune, make_records, setup_run
 
 @pytest.fixture(scope="module")
 def tokenizer(builtin_tokenizer_dir):
-    from alpaca_lora_cpu.training import load_tokenizer
+    from alpaca_lora_cpu.tokenization import load_tokenizer
 
     return load_tokenizer(builtin_tokenizer_dir)
 
@@ -27,26 +27,45 @@ RECORD = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
 
 def test_example_ends_with_eos_and_masks_the_prompt(tokenizer):
     from alpaca_lora_cpu.packing import IGNORE
-    from alpaca_lora_cpu.prompts import render_record
-    from alpaca_lora_cpu.training import encode
+    from alpaca_lora_cpu.prompts import to_turns
+    from alpaca_lora_cpu.tokenization import encode
 
     ex = encode(RECORD, tokenizer, "alpaca", 256, train_on_inputs=False)
-    n_prompt = len(tokenizer(render_record("alpaca", RECORD))["input_ids"])
+    n_prompt = len(tokenizer(to_turns(RECORD, "alpaca")[0].prompt)["input_ids"])
     assert ex["input_ids"][-1] == tokenizer.eos_token_id and ex["labels"][-1] == tokenizer.eos_token_id
     assert ex["labels"][:n_prompt] == [IGNORE] * n_prompt
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
     assert tokenizer.decode(ex["input_ids"][n_prompt:-1]) == "Blue."
 
 
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_a_conversation_learns_every_answer_and_only_the_answers(tokenizer, template):
+    from alpaca_lora_cpu.packing import IGNORE
+    from alpaca_lora_cpu.tokenization import encode
+
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                         {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another."},
+                         {"role": "assistant", "content": "Red."}]}
+    ex = encode(chat, tokenizer, template, 512, train_on_inputs=False)
+    learned = [i for i, label in enumerate(ex["labels"]) if label != IGNORE]
+    spans = [[learned[0]]]
+    for i in learned[1:]:
+        spans[-1].append(i) if i == spans[-1][-1] + 1 else spans.append([i])
+    # two answers, each followed by its EOS, and nothing of the system message, the questions or the template
+    assert [tokenizer.decode([ex["input_ids"][i] for i in span]) for span in spans] == \
+        ["Blue." + tokenizer.eos_token, "Red." + tokenizer.eos_token]
+    assert ex["labels"][-1] == tokenizer.eos_token_id
+
+
 def test_train_on_inputs_keeps_every_label(tokenizer):
-    from alpaca_lora_cpu.training import encode
+    from alpaca_lora_cpu.tokenization import encode
 
     ex = encode(RECORD, tokenizer, "alpaca", 256, train_on_inputs=True)
     assert ex["labels"] == ex["input_ids"]
 
 
 def test_truncation_cuts_the_eos_and_a_full_prompt_is_dropped(tokenizer):
-    from alpaca_lora_cpu.training import encode
+    from alpaca_lora_cpu.tokenization import encode
 
     long = {**RECORD, "output": "word " * 100}
     ex = encode(long, tokenizer, "alpaca", 64, train_on_inputs=False)
@@ -57,7 +76,8 @@ def test_truncation_cuts_the_eos_and_a_full_prompt_is_dropped(tokenizer):
 
 def test_padding_never_masks_the_eos_label_although_pad_is_eos(tokenizer):
     from alpaca_lora_cpu.packing import IGNORE
-    from alpaca_lora_cpu.training import encode, make_collator
+    from alpaca_lora_cpu.tokenization import encode
+    from alpaca_lora_cpu.training import make_collator
 
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the dangerous case
     short = encode(RECORD, tokenizer, "alpaca", 256, False)
@@ -76,7 +96,8 @@ def test_response_loss_equals_the_full_logits_loss(tiny_model_dir, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from alpaca_lora_cpu.training import encode, make_collator, response_loss
+    from alpaca_lora_cpu.tokenization import encode
+    from alpaca_lora_cpu.training import make_collator, response_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     examples = [encode(r, tokenizer, "alpaca", 128, False) for r in make_records(3)]

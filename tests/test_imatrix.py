@@ -123,14 +123,14 @@ def test_the_imatrix_changes_what_llamacpp_writes(tmp_path, wide_model):
 def test_a_very_low_bit_iquant_is_made_only_with_the_imatrix(tmp_path, wide_model):
     from alpaca_lora_cpu.config import PromptParams
     from alpaca_lora_cpu.native import call_in_child
-    from alpaca_lora_cpu.quantizer import Plan, _quantize, plan_for
+    from alpaca_lora_cpu.quantizer import Plan, plan_for, quantize_here
     from stages.quantize import run
 
     _, gguf_file, imatrix = wide_model
     with pytest.raises(StageError, match="llama.cpp makes iq2_xs only with an importance matrix: ask for iq2_xs-imat"):
         plan_for("iq2_xs", {})
     # llama.cpp itself refuses, which is why the stage asks first
-    rc, _, lines = call_in_child(_quantize, str(gguf_file), str(tmp_path / "no.gguf"),
+    rc, _, lines = call_in_child(quantize_here, str(gguf_file), str(tmp_path / "no.gguf"),
                                  Plan("iq2_xs", "iq2_xs", False), 2, None)
     assert rc != 0 and any("importance matrix" in ln for ln in lines)
     m = run(plan_for("iq2_xs-imat", {}), PromptParams("alpaca"), gguf_file, tmp_path / "iq2.gguf",

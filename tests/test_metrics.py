@@ -73,8 +73,8 @@ def test_summary_statistics_by_hand():
     assert stats["kld_mean"] == pytest.approx(exact_kld0 / 2, abs=1e-7)
     assert stats["kld_max"] == pytest.approx(exact_kld0, abs=1e-7)
     assert stats["kld_p99"] == pytest.approx(0.99 * exact_kld0, abs=1e-7)  # linear interpolation of 2 values
-    assert stats["top1_agreement"] == 0.5                                 # argmax 1 vs 0, then 2 vs 2
-    assert stats["rms_delta_p"] == pytest.approx(math.sqrt((0.25 ** 2 + 0) / 2))  # Δp = 0.25-0.5, 0.7-0.7
+    assert stats["top1"] == 0.5                                 # argmax 1 vs 0, then 2 vs 2
+    assert stats["rms_dp"] == pytest.approx(math.sqrt((0.25 ** 2 + 0) / 2))  # Δp = 0.25-0.5, 0.7-0.7
     assert stats["ppl"] == pytest.approx(1 / math.sqrt(0.25 * 0.7))       # q(target) = 0.25, 0.7
     assert stats["positions"] == 2
 

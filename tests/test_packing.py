@@ -7,14 +7,14 @@ from helpers import make_records
 
 @pytest.fixture(scope="module")
 def tokenizer(builtin_tokenizer_dir):
-    from alpaca_lora_cpu.training import load_tokenizer
+    from alpaca_lora_cpu.tokenization import load_tokenizer
 
     return load_tokenizer(builtin_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
 def examples(tokenizer):
-    from alpaca_lora_cpu.training import encode
+    from alpaca_lora_cpu.tokenization import encode
 
     records = make_records(4)
     records[1]["output"] = "A much longer answer, so that the examples differ in length. " * 3

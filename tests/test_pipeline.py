@@ -48,9 +48,9 @@ def test_declared_dvc_metrics_are_flat_numbers_and_fit_a_terminal(pipeline):
     table = dvc(pipeline, "metrics", "show").stdout.splitlines()
     # A terminal of 180 columns (a maximized window; the paths alone take 43) holds it: one row per file.
     assert len(table) == len(files) + 1 and max(map(len, table)) <= 180, "\n".join(table)
-    # make readme-metrics puts that same table into the README, between its markers.
-    readme = pipeline / "README.md"
-    subprocess.run([sys.executable, "-m", "tools.readme_metrics", "--readme", str(readme)], cwd=pipeline,
+    # make results-table puts that same table into docs/results.md, between its markers.
+    readme = pipeline / "docs/results.md"
+    subprocess.run([sys.executable, "-m", "tools.results_table", "--doc", str(readme)], cwd=pipeline,
                    check=True, capture_output=True)
     section = readme.read_text().split("<!-- metrics-table -->")[1].split("<!-- /metrics-table -->")[0]
     assert table[1] in section and "`dvc metrics show` (" in section
@@ -242,3 +242,39 @@ def test_experiment_shows_in_dvc_and_mlflow(pipeline):
         "-o", str(out), "--targets", "finetune_loss")
     page = (out / "index.html").read_text()
     assert "<script src=" not in page and '"r16"' in page and '"workspace"' in page
+
+
+@pytest.fixture(scope="module")
+def chat_pipeline(tmp_path_factory, git_identity, tiny_model_dir):
+    """The whole pipeline on a ShareGPT-layout copy of the bundled chat sample (multi-turn, system messages), the
+    tokenizer's chat template and the tiny model as base: the non-Alpaca path end to end."""
+    repo = copy_repo(tmp_path_factory.mktemp("chat") / "repo")
+    sample = json.loads((ROOT / "data/sample/chat_sample.json").read_text())
+    sharegpt = [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]),
+                                    "value": m["content"]} for m in c["messages"]]} for c in sample]
+    source = repo.parent / "chat.sharegpt.json"
+    source.write_text(json.dumps(sharegpt))
+    shrink_params(repo, ["q8_0"], {"base": {"model": str(tiny_model_dir)},
+                                   "data": {"source": str(source), "format": "sharegpt", "fraction": 1.0},
+                                   "prompt": {"template": "chat"}})
+    subprocess.run(["git", "commit", "-qam", "chat"], cwd=repo, check=True, capture_output=True)
+    dvc(repo, "repro")
+    return repo
+
+
+def test_a_chat_format_dataset_trains_merges_converts_and_evaluates(chat_pipeline):
+    prep = metrics(chat_pipeline, "prepare.json")
+    assert prep["format_used"] == "sharegpt" and prep["multi_turn"] > 10 and prep["offline_fallback"] is False
+    first = json.loads((chat_pipeline / "data/prepared/train.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"messages"} and first["messages"][-1]["role"] == "assistant"
+    assert metrics(chat_pipeline, "finetune.json")["adapter_max_abs_lora_b"] > 0
+    for stage in ("merge.json", "convert/finetuned.json"):
+        assert metrics(chat_pipeline, stage)["gates_passed"] is True
+    prompts = [json.loads(x) for x in (chat_pipeline / "models/reference/prompts.jsonl").read_text().splitlines()]
+    val = [p for p in prompts if p["kind"] == "val"]
+    assert val and all(p["prompt"].rstrip().endswith("<|im_start|>assistant") for p in val)
+    assert metrics(chat_pipeline, "evaluate/q8_0.json")["kld_mean"] >= 0
+    # the Modelfile's template is the chat template's own layout around Ollama's prompt, and stops at its EOS
+    modelfile = (chat_pipeline / "models/gguf/finetuned-q8_0.Modelfile").read_text()
+    assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "### Instruction" not in modelfile

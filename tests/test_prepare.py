@@ -6,14 +6,15 @@ import json
 import pytest
 from helpers import ROOT, make_records, run_module, write_records
 
-from alpaca_lora_cpu.alpaca_data import load_source, validate
 from alpaca_lora_cpu.config import DataParams
 from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.records import load_source, validate
 from stages.prepare import run, sample_split
 
 
 def params(source: str, **kw) -> DataParams:
-    base = dict(source=source, fraction=0.5, seed=1, val_size=0.2, max_samples=None, on_invalid="drop")
+    base = dict(source=source, format="alpaca", fraction=0.5, seed=1, val_size=0.2, max_samples=None,
+                on_invalid="drop")
     return DataParams(**{**base, **kw})
 
 
@@ -27,15 +28,15 @@ def test_validate_counts_each_reason():
         dict(good[0]),                                     # duplicate
         "not a dict",                                      # wrong type (record)
     ]
-    kept, dropped, first = validate(recs, "drop")
+    kept, dropped, first = validate(recs, "alpaca", "drop")
     assert kept == good
-    assert dict(dropped) == {"missing_field": 1, "wrong_type": 3, "empty_output": 1, "duplicate": 1}
+    assert dict(dropped) == {"missing_field": 1, "wrong_type": 3, "empty_output": 1, "bad_roles": 0, "duplicate": 1}
     assert first == "record 3: missing field ('instruction')"
 
 
 def test_validate_error_mode_names_record_and_field():
     with pytest.raises(StageError, match=r"record 1: wrong type \('output'\)"):
-        validate([make_records(1)[0], {"instruction": "a", "output": 5}], "error")
+        validate([make_records(1)[0], {"instruction": "a", "output": 5}], "alpaca", "error")
 
 
 def test_sampling_is_deterministic_and_disjoint():
@@ -80,7 +81,7 @@ def test_other_local_formats(tmp_path, suffix):
 
 
 def test_hub_unreachable_falls_back_to_bundled_sample(monkeypatch):
-    import alpaca_lora_cpu.alpaca_data as prepare
+    import alpaca_lora_cpu.records as prepare
 
     def offline(_):
         raise ConnectionError("Couldn't reach 'yahma/alpaca-cleaned' on the Hub")
@@ -94,7 +95,7 @@ def test_hub_unreachable_falls_back_to_bundled_sample(monkeypatch):
 
 
 def test_offline_probe_skips_the_hub_entirely(monkeypatch):
-    import alpaca_lora_cpu.alpaca_data as prepare
+    import alpaca_lora_cpu.records as prepare
 
     def never(_):
         raise AssertionError("the Hub must not be called when the probe says offline")
@@ -106,7 +107,7 @@ def test_offline_probe_skips_the_hub_entirely(monkeypatch):
 
 
 def test_hub_other_errors_are_not_masked(monkeypatch):
-    import alpaca_lora_cpu.alpaca_data as prepare
+    import alpaca_lora_cpu.records as prepare
 
     def missing(_):
         raise FileNotFoundError("Dataset 'nobody/nothing' doesn't exist on the Hub")
@@ -119,7 +120,7 @@ def test_hub_other_errors_are_not_masked(monkeypatch):
 
 def test_bundled_sample_is_valid_alpaca():
     recs = json.loads((ROOT / "data/sample/alpaca_sample.json").read_text())
-    kept, dropped, _ = validate(recs, "error")
+    kept, dropped, _ = validate(recs, "alpaca", "error")
     assert len(kept) == len(recs) >= 150 and sum(dropped.values()) == 0
     with_input = sum(bool(r["input"]) for r in recs)
     assert 0.25 < with_input / len(recs) < 0.42

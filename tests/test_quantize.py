@@ -51,9 +51,15 @@ def test_modelfile_has_template_and_stops(tmp_path, tiny_gguf):
     assert "FROM ./finetuned-q8_0.gguf" in text and "{{ .Prompt }}" in text and "### Response:" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "### Instruction:"' in text
     assert 'PARAMETER stop "### Input:"' in text and 'PARAMETER stop "### Response:"' in text
-    chat = modelfile("m.gguf", "chat", ["<|im_end|>"], ("END",))
-    assert "{{ .Content }}" in chat and chat.count('PARAMETER stop "<|im_end|>"') == 1
+    # the chat layout is the GGUF's own chat template rendered around Ollama's prompt, and it stops at the EOS
+    from alpaca_lora_cpu.gguf_files import chat_template, check_gguf
+
+    chat = modelfile("m.gguf", "chat", "<|im_end|>", ("END",), chat_template(check_gguf(tiny_gguf)))
+    assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n" in chat
+    assert chat.count('PARAMETER stop "<|im_end|>"') == 1
     assert 'PARAMETER stop "END"' in chat and "### Instruction:" not in chat
+    with pytest.raises(StageError, match="needs a tokenizer with a chat template"):
+        modelfile("m.gguf", "chat", "<|im_end|>", (), None)
 
 
 def test_unknown_type_cli_is_one_line_and_writes_nothing(tmp_path, tiny_gguf):

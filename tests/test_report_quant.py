@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from alpaca_lora_cpu.config import ReportParams
-from stages.report import best_within, imatrix_targets, kind, quantization_section, recommend
+from alpaca_lora_cpu.config import RecipeParams, ReportParams
+from alpaca_lora_cpu.report.markdown import quantization_section
+from alpaca_lora_cpu.report.targets import best_within, imatrix_targets, recommend
+from alpaca_lora_cpu.variants import parse
 
 GOAL = ReportParams(q8_max_kld=0.005, q8_min_top1=0.95, q4_min_speedup=5.0, ppl_ratio_max=0.95,
                     imatrix_min_kld_cut=0.25, q4_0_size_max_kld=0.10, q4_k_m_imat_max_kld=0.04,
@@ -12,7 +14,10 @@ GOAL = ReportParams(q8_max_kld=0.005, q8_min_top1=0.95, q4_min_speedup=5.0, ppl_
 
 
 def m(size, kld, top1=0.8):
-    return {"size_mb": size, "kld_mean": kld, "top1_agreement": top1}
+    return {"size_mb": size, "kld_mean": kld, "top1": top1}
+
+
+EMB = {"emb-q4": RecipeParams(type="iq4_nl", imatrix=True, token_embedding="q4_0", output=None, overrides={})}
 
 
 VARIANTS = {
@@ -24,8 +29,7 @@ VARIANTS = {
 
 
 def test_kinds_by_name():
-    recipes = {"searched", "emb-q4"}
-    assert [kind(v, recipes) for v in ("finetuned", "q4_0", "q4_0-imat", "iq4_xs-imat", "emb-q4", "searched")] == \
+    assert [parse(v, EMB).kind for v in ("finetuned", "q4_0", "q4_0-imat", "iq4_xs-imat", "emb-q4", "searched")] == \
         ["reference", "plain", "imatrix", "i-quant", "recipe", "recipe"]
 
 
@@ -45,7 +49,7 @@ def test_recommendation_is_the_lowest_kld_quantized_variant_within_the_budget():
 
 
 def test_targets_state_each_cut_and_which_fail():
-    goals = {g["target"]: g for g in imatrix_targets(VARIANTS, GOAL, {"searched"})}
+    goals = {g["target"]: g for g in imatrix_targets(VARIANTS, GOAL, {})}
     q4 = goals["the imatrix lowers q4_0's mean KLD by ≥ 25%"]
     assert q4["met"] is True and q4["numbers"] == "0.3000 → 0.1800 (-40%)"
     assert goals["the imatrix lowers q2_k's mean KLD by ≥ 25%"]["met"] is False  # 0.41 → 0.33 is -20%
@@ -57,7 +61,7 @@ def test_targets_state_each_cut_and_which_fail():
 
 
 def test_missing_pairs_are_not_measured_not_missed():
-    goals = imatrix_targets({"finetuned": m(270, 0), "q4_0": m(92, 0.3)}, GOAL, set())
+    goals = imatrix_targets({"finetuned": m(270, 0), "q4_0": m(92, 0.3)}, GOAL, {})
     assert [g["met"] for g in goals[:3]] == [None, None, None]
 
 

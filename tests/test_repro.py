@@ -3,18 +3,18 @@ CPU. (No-op second repro, downstream-only reruns and experiments: tests/test_pip
 from __future__ import annotations
 
 import pytest
-from helpers import make_records, write_records
+from helpers import finetune, make_records, setup_run, write_records
 
 from alpaca_lora_cpu.config import DataParams
 from stages.prepare import run as prepare
-from tests.test_finetune import finetune, setup_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.repro]
 
 
 def test_same_seed_same_sample_bytes(tmp_path):
     src = write_records(tmp_path / "d.json", make_records(300))
-    params = DataParams(source=str(src), fraction=0.1, seed=3, val_size=0.1, max_samples=None, on_invalid="drop")
+    params = DataParams(source=str(src), format="alpaca", fraction=0.1, seed=3, val_size=0.1, max_samples=None,
+                        on_invalid="drop")
     a, b = prepare(params, tmp_path / "a"), prepare(params, tmp_path / "b")
     assert a["sha256"] == b["sha256"]
     other = prepare(DataParams(**{**params.__dict__, "seed": 4}), tmp_path / "c")

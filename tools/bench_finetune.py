@@ -13,9 +13,9 @@ same number of training samples. What differs is only the loop semantics:
 Printed: non-pad training tokens/s of each, the ratio, and each one's loss on the validation responses after
 the same samples (the stage's eval, identical for both). `--levers` adds a short throughput run per lever,
 each switched on alone over the reference. Records come from data/prepared/train.jsonl and val.jsonl
-(read-only), or with `--source FILE` from an Alpaca JSON/JSONL/parquet file (a seeded sample of it, validated
-as the prepare stage does), e.g. the real alpaca-cleaned data. Other processes sharing the CPU move the
-numbers, so the load average is printed too.
+(read-only), or with `--source FILE` from a JSON/JSONL/parquet file in the `data.format` layout (a seeded
+sample of it, validated as the prepare stage does), e.g. the real alpaca-cleaned data. Other processes sharing
+the CPU move the numbers, so the load average is printed too.
 """
 from __future__ import annotations
 
@@ -29,23 +29,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from alpaca_lora_cpu.alpaca_data import Loaded, clean, read_local
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import FinetuneParams, load_params
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.files import read_jsonl, replace_section, write_json
+from alpaca_lora_cpu.files import read_jsonl, write_json
 from alpaca_lora_cpu.packing import real_tokens
-from alpaca_lora_cpu.tracking import DOC_TITLE, machine_stamp
+from alpaca_lora_cpu.records import Loaded, clean, read_local
+from alpaca_lora_cpu.tokenization import encode_all, load_tokenizer
 from alpaca_lora_cpu.training import (
     choose_precision,
-    encode_all,
     evaluate_responses,
     load_model,
-    load_tokenizer,
     make_collator,
     trainer_class,
     training_args,
 )
+from tools.bench_doc import DOC_TITLE, machine_stamp, replace_section
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +172,12 @@ def profile_stage(setup: Setup, params: FinetuneParams, base: Path, tokenizer, p
         print(f"  aten::mm ran at {rate:.0f} GFLOP/s", flush=True)
 
 
-def records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """(train, val) records: the prepared splits, or a seeded sample of an Alpaca file."""
+def records(args: argparse.Namespace, fmt: str) -> tuple[list[dict], list[dict]]:
+    """(train, val) records: the prepared splits, or a seeded sample of a file in the `data.format` layout."""
     if args.source is None:
         train, val = (read_jsonl(args.data / f"{split}.jsonl", "data split") for split in ("train", "val"))
         return train[: args.samples], val[: args.val]
-    valid, _ = clean(Loaded(read_local(args.source), str(args.source), False), "drop")
+    valid, _ = clean(Loaded(read_local(args.source, fmt), str(args.source), False, fmt), "drop")
     if len(valid) < args.samples + args.val:
         raise StageError(f"--source {args.source}: {len(valid)} valid records, need {args.samples + args.val}")
     chosen = random.Random(args.seed).sample(valid, args.samples + args.val)
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__)
     ap.add_argument("--base", type=Path, default=Path("models/base"))
     ap.add_argument("--data", type=Path, default=Path("data/prepared"))
-    ap.add_argument("--source", type=Path, help="an Alpaca JSON/JSONL/parquet file to sample instead of --data")
+    ap.add_argument("--source", type=Path, help="a JSON/JSONL/parquet file (data.format) to sample instead of --data")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed for --source")
     ap.add_argument("--samples", type=int, default=32, help="training samples per run (a multiple of batch_size)")
     ap.add_argument("--val", type=int, default=18, help="validation records for the eval loss")
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     params = dataclasses.replace(config.finetune, batch_size=config.finetune.micro_batch_size)
     prompt = config.prompt.template
     tokenizer = load_tokenizer(args.base)
-    train, val = records(args)
+    train, val = records(args, config.data.format)
     val_set = encode_all(val, tokenizer, prompt, params.cutoff_len, False, "val")
     header = (f"bench-finetune: {args.base}, {args.source or args.data}, {len(train)} training samples, "
               f"{len(val_set)} val records, batch {params.batch_size}/{params.micro_batch_size}, "

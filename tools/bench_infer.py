@@ -21,8 +21,7 @@ import numpy as np
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import load_params
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.files import replace_section
-from alpaca_lora_cpu.tracking import DOC_TITLE, machine_stamp
+from tools.bench_doc import DOC_TITLE, machine_stamp, replace_section
 
 
 def memory_bandwidth(threads: int, mib: int = 512, passes: int = 5) -> float:

@@ -29,8 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from alpaca_lora_cpu.cpu import read as read_cpu
+
 VERSION_FILE = Path("requirements.lock")
 RECORD = Path(sys.prefix) / "llama-build.json"
+PROBE_LOG = Path(sys.prefix) / "llama-probe.log"  # llama.cpp's own output during the probe
+BUILD_LOG = Path(sys.prefix) / "llama-build.log"  # pip's and CMake's output during the build
 # ggml CMake option → the /proc/cpuinfo flags it needs (GGML_AVX512 compiles with -mavx512{f,cd,vl,dq,bw}).
 FEATURES: list[tuple[str, tuple[str, ...]]] = [
     ("GGML_SSE42", ("sse4_2",)),
@@ -60,14 +64,6 @@ class Candidate:
     @property
     def line(self) -> str:
         return " ".join(self.cmake_args)
-
-
-def cpu_flags(cpuinfo: str) -> set[str]:
-    """The feature flags of the first CPU in /proc/cpuinfo's text."""
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def _args(enabled: set[str]) -> tuple[str, ...]:
@@ -160,14 +156,15 @@ def build_wheel(version: str, cand: Candidate) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     env = {**os.environ, "CMAKE_ARGS": cand.line, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
     t0 = time.perf_counter()
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-cache-dir",
-                        "--no-binary", "llama_cpp_python", f"llama_cpp_python=={version}", "-w", str(tmp)],
-                       env=env, check=True)
-    except subprocess.CalledProcessError as exc:
+    with open(BUILD_LOG, "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir",
+                               "--no-binary", "llama_cpp_python", f"llama_cpp_python=={version}", "-w", str(tmp)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SystemExit(f"error: building llama-cpp-python {version} failed (exit {exc.returncode}) with "
-                         f"flags {cand.line}") from exc
+        tail = BUILD_LOG.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"error: building llama-cpp-python {version} failed (exit {proc.returncode}) with "
+                         f"flags {cand.line}: {tail[0][:200]} (whole log: {BUILD_LOG})")
     meta = {"version": version, "cmake_args": cand.line, "build_seconds": time.perf_counter() - t0}
     (tmp / "build.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(target, ignore_errors=True)
@@ -178,8 +175,9 @@ def build_wheel(version: str, cand: Candidate) -> dict:
 
 
 def install(built: dict) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall",
-                    built["wheel"]], check=True)
+    with open(BUILD_LOG, "a") as log:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall",
+                        built["wheel"]], check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
 def tiny_gguf(path: Path) -> None:
@@ -220,21 +218,26 @@ def tiny_gguf(path: Path) -> None:
     writer.close()
 
 
-def run_probe(workdir: Path) -> dict:
-    """The probe itself (runs in the child): quantize the tiny model to each type, multi-token eval on each."""
-    import ctypes
-
+def run_probe(workdir: Path, log: Path | None = None) -> dict:
+    """The probe itself (runs in the child): quantize the tiny model to each type, multi-token eval on each.
+    llama.cpp's own log (hundreds of loader lines) goes to `log`, not the terminal."""
     import llama_cpp
     import numpy as np
 
+    from alpaca_lora_cpu.quantizer import Plan, quantize_here
+
+    if log is not None:
+        os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)  # this child's stderr only
     src = workdir / "tiny-f32.gguf"
     tiny_gguf(src)
     evaluated = {}
     for qtype in PROBE_TYPES:
         dst = workdir / f"tiny-{qtype}.gguf"
-        qp = llama_cpp.llama_model_quantize_default_params()
-        qp.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
-        if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(qp)) != 0:
+        rc, _, lines = quantize_here(str(src), str(dst), Plan(qtype, qtype, False), os.cpu_count() or 1)
+        if log is not None:
+            with open(log, "a") as fh:
+                fh.write("\n".join(lines) + "\n")
+        if rc != 0:
             raise RuntimeError(f"llama_model_quantize to {qtype} failed")
         # logits_all: without it llama-cpp-python never fills `scores` (the rows are uninitialised memory).
         llm = llama_cpp.Llama(str(dst), n_ctx=128, n_batch=64, n_threads=os.cpu_count() or 1, logits_all=True,
@@ -257,7 +260,7 @@ def probe() -> ProbeResult:
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            info = call_in_child(run_probe, Path(tmp), action="probing the build")
+            info = call_in_child(run_probe, Path(tmp), PROBE_LOG, action="probing the build")
         except NativeCrash as crash:
             return ProbeResult(False, signal_name(crash.signum), "")
         except Exception as exc:  # an import error, a failed quantization: not an instruction-set problem
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cmake-args", default=os.environ.get("LLAMA_CMAKE_ARGS", "auto"),
                     help="auto (derive from this CPU, probe, fall back), safe, or explicit CMake args")
     args = ap.parse_args(argv)
-    flags = cpu_flags(Path("/proc/cpuinfo").read_text())
+    flags = set(read_cpu().flags)
     version = pinned_version()
     cands = candidates(flags, args.cmake_args)
     t0 = time.perf_counter()
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     RECORD.write_text(json.dumps(record, indent=2) + "\n")
     print(f"llama.cpp build: {cand.name} flags {cand.line}")
     print(f"llama.cpp system info: {info['system_info']}")
-    print(f"probe passed ({', '.join(PROBE_TYPES)}); recorded in {RECORD}")
+    print(f"probe passed ({', '.join(PROBE_TYPES)}); recorded in {RECORD} (llama.cpp's log: {PROBE_LOG})")
 
 
 if __name__ == "__main__":

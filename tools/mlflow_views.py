@@ -31,7 +31,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from alpaca_lora_cpu.tracking import EXPERIMENT, REGISTERED_MODEL
+from alpaca_lora_cpu.report.publish import REGISTERED_MODEL
+from alpaca_lora_cpu.tracking import EXPERIMENT
 
 WINDOW = "2200,1000"
 

@@ -26,8 +26,8 @@ import yaml
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import load_params
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.files import atomic_path, replace_section
-from alpaca_lora_cpu.tracking import machine_stamp
+from alpaca_lora_cpu.files import atomic_path
+from tools.bench_doc import machine_stamp, replace_section
 
 PREFIX = "sweep-"
 METRICS = "reports/metrics/finetune.json"

@@ -3,8 +3,8 @@
 One section class per top-level key of params.yaml (in its order), then the root `Params`. Every key is required
 and typed; unknown or missing keys are errors, and there are no defaults in code: params.yaml is the one place
 values live. Range checks live in each section's `__post_init__` and raise `ValueError` with the full key name;
-rules that span sections live in `check_across`. `load_params` turns any problem into a one-line `StageError`,
-so a broken params.yaml stops every stage before it does any work, not just the stage that reads the broken part.
+`load_params` turns any problem into a one-line `StageError`, so a broken params.yaml stops every stage before it
+does any work, not just the stage that reads the broken part.
 """
 from __future__ import annotations
 
@@ -19,11 +19,19 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.variants import check_names
 
 T = TypeVar("T")
 PARAMS_FILE = "params.yaml"
 MIN_CUTOFF = 16
-REFERENCE_VARIANT = "finetuned"  # the variant every other one is compared with (evaluate, report)
+
+
+def check_min(section: str, params: object, minimum: float, *keys: str) -> None:
+    """ValueError naming the full key of the first of `keys` below `minimum`."""
+    for key in keys:
+        value = getattr(params, key)
+        if value < minimum:
+            raise ValueError(f"{section}.{key} must be >= {minimum}, got {value}")
 
 
 def check_gate_sizes(section: str, gate_prompts: int, gate_max_tokens: int) -> None:
@@ -46,6 +54,7 @@ class BaseParams:
 @dataclass(frozen=True)
 class DataParams:
     source: str
+    format: Literal["alpaca", "sharegpt", "messages"]  # the records' layout (alpaca_lora_cpu/records.py)
     fraction: float
     seed: int
     val_size: float
@@ -172,10 +181,7 @@ class ImatrixParams:
     chunk_size: int   # each record is cut to this many tokens
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 2:
-            raise ValueError(f"imatrix.max_tokens must be >= 2, got {self.max_tokens}")
-        if self.chunk_size < 2:
-            raise ValueError(f"imatrix.chunk_size must be >= 2, got {self.chunk_size}")
+        check_min("imatrix", self, 2, "max_tokens", "chunk_size")
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,7 @@ class QuantizeParams:
         twice = sorted({t for t in self.types if self.types.count(t) > 1})
         if twice:
             raise ValueError(f"quantize.types lists {twice[0]!r} more than once")
+        check_names(self.types, self.recipes)
 
 
 @dataclass(frozen=True)
@@ -213,9 +220,7 @@ class SearchParams:
             raise ValueError(f"search.budget_mib must be > 0 or null, got {self.budget_mib}")
         if not self.types:
             raise ValueError("search.types must list at least one tensor type")
-        for key in ("calibration_tokens", "top_k", "verify"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"search.{key} must be >= 1, got {getattr(self, key)}")
+        check_min("search", self, 1, "calibration_tokens", "top_k", "verify")
 
 
 @dataclass(frozen=True)
@@ -249,10 +254,7 @@ class ReferenceParams:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"reference.{key} must be >= 1 or null, got {value}")
-        if self.max_response_tokens < 1:
-            raise ValueError(f"reference.max_response_tokens must be >= 1, got {self.max_response_tokens}")
-        if self.top_k < 1:
-            raise ValueError(f"reference.top_k must be >= 1, got {self.top_k}")
+        check_min("reference", self, 1, "max_response_tokens", "top_k")
         if not self.showcase_prompts:
             raise ValueError("reference.showcase_prompts must list at least one prompt")
 
@@ -272,20 +274,12 @@ class SpeedParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    variants: dict       # variant name -> GGUF file stem under models/gguf/ (dvc.yaml's foreach)
     threads: int         # CPU threads for every llama.cpp and transformers measurement
     max_new_tokens: int  # greedy generation limit
     speed: SpeedParams
 
     def __post_init__(self) -> None:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.variants.items()):
-            raise ValueError("evaluate.variants must map variant names to GGUF file stems (strings)")
-        if REFERENCE_VARIANT not in self.variants:
-            raise ValueError(f"evaluate.variants must include {REFERENCE_VARIANT!r} (the reference)")
-        if self.threads < 1:
-            raise ValueError(f"evaluate.threads must be >= 1, got {self.threads}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"evaluate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_min("evaluate", self, 1, "threads", "max_new_tokens")
 
 
 @dataclass(frozen=True)
@@ -337,25 +331,8 @@ class Params:
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """The whole params file, checked: every section, every key, and the rules across sections."""
-    params = build(Params, read_params(path), "")
-    check_across(params)
-    return params
-
-
-def check_across(p: Params) -> None:
-    """Rules between sections, which no single section's `__post_init__` can see."""
-    # dvc.yaml's quantize@<type> writes models/gguf/finetuned-<type>.gguf; without a variant on that file the level is
-    # built but never evaluated, and the report would stop at the very end of the pipeline.
-    for name in p.quantize.recipes:
-        if name.endswith("-imat"):
-            raise StageError(f"params: quantize.recipes.{name}: a recipe name must not end in -imat (that suffix "
-                             "asks a level for the importance matrix; set the recipe's imatrix: true)")
-    stems = set(p.evaluate.variants.values())
-    for t in p.quantize.types:
-        if f"finetuned-{t}" not in stems:
-            raise StageError(f"params: quantize.types has {t!r} but no evaluate.variants entry has the GGUF stem "
-                             f"'finetuned-{t}': add '{t}: finetuned-{t}' to evaluate.variants")
+    """The whole params file, checked: every section and every key."""
+    return build(Params, read_params(path), "")
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict:

@@ -137,16 +137,3 @@ def read_jsonl(path: str | os.PathLike, what: str = "file", hint: str = "") -> l
             except json.JSONDecodeError as exc:
                 raise StageError(f"{what} {p}: cannot read line {i}: not valid JSON ({exc.msg})") from exc
     return rows
-
-
-def replace_section(path: str | os.PathLike, name: str, body: str, title: str = "") -> None:
-    """Put `body` between `<!-- name -->` and `<!-- /name -->` in a Markdown file (appended, or the file created
-    with `title`, when absent), leaving the rest of the file as it was; written atomically."""
-    import re
-
-    p = Path(path)
-    text = p.read_text(encoding="utf-8") if p.is_file() else (f"{title}\n" if title else "")
-    block = f"<!-- {name} -->\n{body.rstrip()}\n<!-- /{name} -->"
-    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    write_text(p, text)

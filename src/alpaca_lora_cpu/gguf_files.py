@@ -63,9 +63,39 @@ def field_value(reader: Any, key: str) -> Any:
 
 def eos_text(reader: Any) -> str | None:
     """The EOS token's text from the GGUF's vocabulary (e.g. `<|im_end|>`), or None when the file has none."""
-    eos_id = field_value(reader, "tokenizer.ggml.eos_token_id")
+    return token_text(reader, "tokenizer.ggml.eos_token_id")
+
+
+def token_text(reader: Any, key: str) -> str | None:
+    """The text of the token a metadata key names (`tokenizer.ggml.bos_token_id`, …), or None."""
+    token_id = field_value(reader, key)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    return bytes(tokens.parts[tokens.data[eos_id]]).decode() if tokens is not None and eos_id is not None else None
+    return bytes(tokens.parts[tokens.data[token_id]]).decode() if tokens is not None and token_id is not None else None
+
+
+class ChatTemplate:
+    """The GGUF's own chat template (`tokenizer.chat_template`, copied there by the converter), rendered in
+    llama-cpp-python's Jinja sandbox, with the two members prompts.to_turns reads of a tokenizer."""
+
+    def __init__(self, template: str, bos_token: str, eos_token: str) -> None:
+        self.chat_template, self.bos_token, self.eos_token = template, bos_token, eos_token
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> str:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        formatter = Jinja2ChatFormatter(self.chat_template, eos_token=self.eos_token, bos_token=self.bos_token,
+                                        add_generation_prompt=add_generation_prompt)
+        return formatter(messages=messages).prompt
+
+
+def chat_template(reader: Any) -> ChatTemplate | None:
+    """The GGUF's chat template, or None when it has none."""
+    template = field_value(reader, "tokenizer.chat_template")
+    if not template:
+        return None
+    return ChatTemplate(template, token_text(reader, "tokenizer.ggml.bos_token_id") or "",
+                        token_text(reader, "tokenizer.ggml.eos_token_id") or "")
 
 
 def tensor_infos(reader_or_path: Any) -> list[TensorInfo]:

@@ -116,8 +116,8 @@ def summarize(per_position: dict[str, np.ndarray]) -> dict:
         "kld_mean": float(np.mean(kld)),
         "kld_p99": float(np.percentile(kld, 99)),
         "kld_max": float(np.max(kld)),
-        "top1_agreement": float(np.mean(per_position["same_top1"])),
-        "rms_delta_p": float(np.sqrt(np.mean(dp ** 2))),
+        "top1": float(np.mean(per_position["same_top1"])),
+        "rms_dp": float(np.sqrt(np.mean(dp ** 2))),
         "positions": int(len(kld)),
     }
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from alpaca_lora_cpu.tokenization import IGNORE
+
 ATTENTION = "sdpa_varlen"
-IGNORE = -100
 PACKED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 

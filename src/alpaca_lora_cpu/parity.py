@@ -1,7 +1,7 @@
 """Parity checks shared by the export gates: the validation texts, HF logits, and how two sets of logits compare.
 
-Gate texts are the first N validation records rendered with the training template plus their reference
-output, so every gate looks at prompt tokens and response tokens alike.
+Gate texts are the first N validation records rendered whole with the training template (prompts.full_text), so
+every gate looks at prompt tokens and response tokens alike.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import read_jsonl
 from alpaca_lora_cpu.metrics import log_probs
-from alpaca_lora_cpu.prompts import render_record
+from alpaca_lora_cpu.prompts import full_text, to_turns
 
 
 class GateFailure(StageError):
@@ -44,7 +44,12 @@ def gate_texts(val_path: str | Path, n: int, template: str, tokenizer: Any = Non
     rows = read_jsonl(path, "validation file")
     if not rows:
         raise StageError(f"validation file {path} has no records")
-    return [render_record(template, r, tokenizer) + r["output"] for r in rows[:n]]
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    try:
+        return [full_text(to_turns(r, template, tokenizer), eos) for r in rows[:n]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StageError(f"validation file {path}: cannot render a gate text with prompt.template {template} "
+                         f"({type(exc).__name__}: {exc})") from exc
 
 
 def hf_token_ids(tokenizer: Any, texts: list[str], max_tokens: int) -> list[list[int]]:

@@ -1,6 +1,7 @@
 """llama.cpp's quantizer (`llama_cpp.llama_model_quantize`) driven by a Plan: a level (ftype), the importance
-matrix, and per-tensor types (token embedding, output, regex overrides). Used by the quantize and search stages;
-every call runs in a child process so a native crash is a one-line error.
+matrix, and per-tensor types (token embedding, output, regex overrides). Used by the quantize and search stages
+and make setup's build probe; `quantize_file` runs it in a child process so a native crash is a one-line error,
+`quantize_here` is the one ctypes call (for code already running in a child).
 """
 from __future__ import annotations
 
@@ -13,23 +14,12 @@ from pathlib import Path
 
 from alpaca_lora_cpu.config import RecipeParams
 from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.variants import IMAT, SEARCHED, parse
 
 TYPE_NAME = re.compile(r"^(Q[2-8]_(0|1|K|K_[SML])|IQ4_(NL|XS)|IQ3_(S|XXS)|IQ2_(S|XS|XXS)|IQ1_[SM]|F16|BF16)$")
-IMAT = "-imat"
-SEARCHED = "searched"  # the quantize.types entry whose recipe the search stage writes
 # llama.cpp refuses these without an importance matrix ("missing importance matrix for tensor …"): too few bits
 # to quantize blindly.
 NEEDS_IMATRIX = {"iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}
-
-
-def describe(entry: str, recipes: dict[str, RecipeParams]) -> tuple[bool, str]:
-    """(quantized with the importance matrix?, recipe name or "none") of a quantize.types entry or any other
-    variant name (base, finetuned: no, none): what MLflow's evaluate runs carry as params."""
-    if entry in recipes:
-        return recipes[entry].imatrix, entry
-    if entry == SEARCHED:
-        return True, SEARCHED  # the search stage only searches with the importance matrix
-    return entry.endswith(IMAT), "none"
 
 
 def valid_types() -> dict[str, int]:
@@ -50,6 +40,7 @@ class Plan:
     token_embedding: str | None = None  # GGML type names (upper case) or None: the level's choice
     output: str | None = None
     overrides: tuple[tuple[str, str], ...] = ()  # (regex on tensor names, GGML type name)
+    recipe: bool = False        # per-tensor types from a recipe (quantize.recipes or searched)
 
 
 def valid_tensor_types() -> dict[str, int]:
@@ -94,10 +85,10 @@ def plan_for(entry: str, recipes: dict[str, RecipeParams], searched: Path | None
             except re.error as exc:
                 raise StageError(f"quantize.recipes.{entry}.overrides: {pattern!r} is not a regex ({exc})") from exc
         plan = Plan(entry, r.type, r.imatrix, r.token_embedding and r.token_embedding.upper(),
-                    r.output and r.output.upper(), tuple((k, v.upper()) for k, v in r.overrides.items()))
+                    r.output and r.output.upper(), tuple((k, v.upper()) for k, v in r.overrides.items()), recipe=True)
     else:
-        qtype, imatrix = (entry.removesuffix(IMAT), True) if entry.endswith(IMAT) else (entry, False)
-        plan = Plan(entry, qtype, imatrix)
+        v = parse(entry, recipes)
+        plan = Plan(entry, v.level, v.imatrix)
     check_type(plan)
     return plan
 
@@ -119,9 +110,10 @@ def asked_type(qtype: str) -> str:
     return re.sub(r"_K_[SML]$", "_K", qtype.upper())
 
 
-def _quantize(src: str, dst: str, plan: Plan, nthread: int, imatrix: str | None) -> tuple[int, float, list[str]]:
-    """llama.cpp's quantizer: default params, the plan's level and tensor types, and the importance matrix file
-    if given (runs in a child); (return code, seconds, its log lines)."""
+def quantize_here(src: str, dst: str, plan: Plan, nthread: int, imatrix: str | None = None
+                  ) -> tuple[int, float, list[str]]:
+    """llama.cpp's quantizer in this process (call it from a child): default params, the plan's level and tensor
+    types, and the importance matrix file if given; (return code, seconds, its log lines)."""
     import llama_cpp
 
     from alpaca_lora_cpu.imatrix import c_array, read
@@ -159,7 +151,7 @@ def quantize_file(src: Path, dst: Path, plan: Plan, imatrix: Path | None = None)
     """Quantize in a child process, so a llama.cpp crash is a one-line error; (seconds, llama.cpp's log lines)."""
     from alpaca_lora_cpu.native import call_in_child
 
-    rc, seconds, lines = call_in_child(_quantize, str(src), str(dst), plan, os.cpu_count() or 1,
+    rc, seconds, lines = call_in_child(quantize_here, str(src), str(dst), plan, os.cpu_count() or 1,
                                        str(imatrix) if imatrix else None, file=src, action="quantizing")
     if rc != 0 or not dst.is_file():
         err = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), f"rc={rc}")

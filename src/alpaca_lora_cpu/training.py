@@ -1,10 +1,9 @@
 """LoRA training on Hugging Face Trainer + PEFT, the pieces the finetune stage and bench-finetune share: checks
-before the model loads, tokenizing records into prompt-masked examples, collators (padded or packed), the model
-with its LoRA adapter, the response-only loss, the Trainer class and its arguments.
+before the model loads, collators (padded or packed), the model with its LoRA adapter, the response-only loss,
+the Trainer class and its arguments. Examples come from alpaca_lora_cpu/tokenization.py.
 
-Every example ends with the tokenizer's EOS (its label is never masked, even though pad == eos); labels are built
-explicitly instead of from `input_ids == pad`; with `train_on_inputs` false the loss (and the 49k-vocab logits)
-are computed on response tokens only. No work at import time: torch and transformers load inside functions.
+With `train_on_inputs` false the loss (and the 49k-vocab logits) are computed on response tokens only. No work at
+import time: torch and transformers load inside functions.
 """
 from __future__ import annotations
 
@@ -18,10 +17,10 @@ from typing import Any
 from alpaca_lora_cpu.config import FinetuneParams, LoraParams
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.launch import world
-from alpaca_lora_cpu.packing import IGNORE, model_inputs, real_tokens
 from alpaca_lora_cpu.packing import collator as packing_collator
+from alpaca_lora_cpu.packing import model_inputs, real_tokens
 from alpaca_lora_cpu.packing import register as register_packed_attention
-from alpaca_lora_cpu.prompts import render_record
+from alpaca_lora_cpu.tokenization import IGNORE
 
 log = logging.getLogger("finetune")
 
@@ -70,35 +69,6 @@ def check_bitsandbytes(quantization: str) -> None:
                          "set finetune.quantization: none") from exc
 
 
-def encode(record: dict, tokenizer: Any, template: str, cutoff_len: int, train_on_inputs: bool) -> dict | None:
-    """input_ids / attention_mask / labels for one record: prompt + output + EOS, truncated to `cutoff_len`.
-
-    Prompt and response are tokenized separately (as at inference, where the prompt is tokenized alone) so
-    the mask boundary is exact. Labels are set explicitly: the EOS label stays even though pad == eos.
-    None when nothing would be learned (the prompt alone fills `cutoff_len` and prompt tokens are masked).
-    """
-    prompt_ids = tokenizer(render_record(template, record, tokenizer), add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:cutoff_len]
-    n_prompt = min(len(prompt_ids), len(input_ids))
-    labels = list(input_ids) if train_on_inputs else [IGNORE] * n_prompt + input_ids[n_prompt:]
-    if all(x == IGNORE for x in labels[1:]):
-        return None
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
-
-
-def encode_all(records: list[dict], tokenizer: Any, template: str, cutoff_len: int,
-               train_on_inputs: bool, split: str) -> list[dict]:
-    encoded = [encode(r, tokenizer, template, cutoff_len, train_on_inputs) for r in records]
-    kept = [e for e in encoded if e is not None]
-    if len(kept) < len(encoded):
-        log.warning("%s: %d record(s) dropped: the prompt alone fills finetune.cutoff_len=%d",
-                    split, len(encoded) - len(kept), cutoff_len)
-    if not kept:
-        raise StageError(f"{split}: no record fits finetune.cutoff_len={cutoff_len} with room for a response")
-    return kept
-
-
 def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None, packing: bool = False):
     """Packed rows (src/alpaca_lora_cpu/packing.py), or right-padding with the pad token and labels padded with -100
     (never derived from input_ids == pad)."""
@@ -109,19 +79,6 @@ def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None, packing
 
     return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=pad_to_multiple_of,
                                   label_pad_token_id=IGNORE, return_tensors="pt")
-
-
-def load_tokenizer(base: Path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.eos_token_id is None:
-        raise StageError(f"tokenizer in {base} has no EOS token")
-    if tokenizer.pad_token_id is None:
-        # Explicit pad; sharing EOS is safe because labels never come from input_ids == pad.
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
 
 
 def response_loss(model: Any, batch: dict) -> tuple[Any, Any]:

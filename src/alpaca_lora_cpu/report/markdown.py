@@ -1,0 +1,135 @@
+"""reports/report.md as text: the variants table (from metric_table), the targets, the quantization section,
+the answers side by side and the environment. Pure functions of the report's inputs."""
+from __future__ import annotations
+
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+from alpaca_lora_cpu.metric_table import METRICS, formatted
+from alpaca_lora_cpu.report.inputs import Inputs
+from alpaca_lora_cpu.report.targets import best_within
+from alpaca_lora_cpu.variants import BASE, FINETUNED, IMAT
+
+COMPARE_VARIANTS = (FINETUNED, "q4_0", "q2_k")  # answers to the first showcase prompt, side by side
+MARKS = {True: "**met**", False: "**missed**", None: "not measured"}
+PACKAGES = ("torch", "transformers", "numpy", "rouge-score", "gguf", "dvc", "mlflow")
+
+
+def table(rows: list[dict]) -> str:
+    """One row per variant, one column per metric_table row."""
+    head = "| variant | " + " | ".join(m.header for m in METRICS) + " |"
+    sep = "| --- | " + " | ".join("---:" for _ in METRICS) + " |"
+    body = ["| " + " | ".join([r["variant"], *(formatted(m, r[m.name]) for m in METRICS)]) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def quantization_section(v: dict[str, dict], budgets: tuple[str, ...], calibration: dict, search: dict) -> str:
+    """Plain vs imatrix per level, the recommendation per size budget, the calibration set and the search."""
+    lines = [f"Importance matrix: {calibration.get('tokens', '?')} tokens ({calibration.get('chunks', '?')} "
+             f"records) of `{calibration.get('calibration_source', '?')}` (sha256 "
+             f"`{str(calibration.get('calibration_sha256', '?'))[:16]}…`), disjoint from the val split scored here.",
+             "", "| level | size MB | KLD plain | KLD imatrix | change | top-1 % plain | top-1 % imatrix |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, m in v.items():
+        level = name.removesuffix(IMAT)
+        if name.endswith(IMAT) and level in v:
+            plain = v[level]
+            lines.append(f"| {level} | {m['size_mb']:.1f} | {plain['kld_mean']:.4f} | {m['kld_mean']:.4f} | "
+                         f"{100 * (m['kld_mean'] / plain['kld_mean'] - 1):+.0f}% | {100 * plain['top1']:.1f} | "
+                         f"{100 * m['top1']:.1f} |")
+    lines += ["", "Best variant (lowest mean KLD) within each size:", ""]
+    for budget in budgets:
+        if budget in v:
+            best = best_within(v, v[budget]["size_mb"])
+            lines.append(f"- ≤ {budget} ({v[budget]['size_mb']:.1f} MB): **{best}**, {v[best]['size_mb']:.1f} MB, "
+                         f"KLD {v[best]['kld_mean']:.4f}, top-1 {100 * v[best]['top1']:.1f}%")
+    if search:
+        lines += ["", f"Search (stage `search`): {search['candidates']} candidates measured on "
+                      f"{search['calibration_tokens']} train-split tokens in {search['seconds']:.0f} s, budget "
+                      f"{search['budget_mib']:.1f} MiB; winner {search['winner_mib']:.1f} MiB, calibration KLD "
+                      f"{search['winner_kld']:.4f} (predicted {search['winner_predicted_kld']:.4f}). Its recipe: "
+                      "models/search/recipe.json; every candidate: reports/search/candidates.csv."]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"
+
+
+def showcase(inputs: Inputs) -> str:
+    """Base and fine-tuned answers to the fixed prompts; the first prompt across a few quantization levels."""
+    def answers(v: str) -> dict[int, dict]:
+        return {r["id"]: r for r in inputs.generations.get(v, []) if r["kind"] == "showcase"}
+
+    ft = answers(FINETUNED)
+    base = answers(BASE) if BASE in inputs.variants else {}
+    lines = ["| prompt | base | finetuned |", "| --- | --- | --- |"]
+    for i, row in sorted(ft.items()):
+        b = base.get(i, {}).get("text", "*(base not evaluated)*")
+        lines.append(f"| {_cell(row['instruction'] or '')} | {_cell(b)} | {_cell(row['text'])} |")
+    present = [v for v in COMPARE_VARIANTS if v in inputs.variants]
+    first = min(ft) if ft else None
+    if first is not None:
+        lines += ["", f"The same first prompt, *{ft[first]['instruction']}*, across quantization levels:", "",
+                  "| " + " | ".join(present) + " |", "| " + " | ".join("---" for _ in present) + " |",
+                  "| " + " | ".join(_cell(answers(v)[first]["text"]) for v in present) + " |"]
+    return "\n".join(lines)
+
+
+def _pkg(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def environment(inputs: Inputs) -> dict:
+    from alpaca_lora_cpu.cpu import read as read_cpu
+
+    any_variant = next(iter(inputs.variants.values()))
+    return {
+        "cpu": read_cpu().model, "cpu_count": os.cpu_count(), "threads": any_variant["speed"]["threads"],
+        "python": platform.python_version(), "platform": platform.platform(),
+        **any_variant["llama_cpp"], **{p: _pkg(p) for p in PACKAGES},
+    }
+
+
+READING = ("Reading it: ΔPPL and KLD measure how far a variant's next-token distributions move from finetuned "
+           "(0 for finetuned itself); top-1 % is how often it picks the same most likely token; RMS Δp is the "
+           "typical change in the correct token's probability. base is a different model, so its KLD is what "
+           "fine-tuning changed, not quantization error. EOS-stop, leak and repeats are shares of the greedy answers "
+           "before any stop sequence cuts them: ended with EOS within the limit, wrote an Alpaca header (ran on into "
+           "a new turn), repeated a 4-gram 3 or more times; answer tokens is their mean length. The answers shown "
+           "below are cut at the stop sequences, as `make generate` prints them.")
+
+
+def render(inputs: Inputs, rows: list[dict], goals: list[dict], figures: dict[str, str], loss_note: str,
+           quantization: str = "") -> str:
+    ref, hf = inputs.reference, inputs.reference["hf_fp32"]
+    any_v = next(iter(inputs.variants.values()))
+    s = any_v["speed"]
+    out = [
+        "# Evaluation report", "",
+        f"Run `{ref['run_id']}`: {ref['records']} held-out records, {ref['positions']} response tokens scored "
+        f"(prompt masked); KLD, top-1 and Δp against finetuned (llama.cpp logits of the reference GGUF, top-"
+        f"{ref['top_k']} + exact rest mass, see docs/stages.md); greedy answers to {ref['generate_prompts']} "
+        f"validation and {ref['showcase_prompts']} fixed prompts, at most {any_v['max_new_tokens']} new tokens. "
+        f"Speed: llama-cpp-python, {s['threads']} threads, median of {s['runs']} runs after a warm-up, "
+        f"prompt {s['prompt_tokens']} tokens, generation {s['gen_tokens']} tokens.", "",
+        "## Targets", "",
+        *[f"- {MARKS[g['met']]}: {g['target']} — {g['numbers']}" for g in goals], "",
+        "## Variants", "", table(rows), "",
+        f"transformers fp32 `generate` on models/merged ({hf['threads']} threads): prompt "
+        f"{hf['prompt_tps']:.0f} tok/s, generation {hf['gen_tps']:.1f} tok/s, load {hf['load_s']:.2f} s.", "",
+        READING, "",
+        *(["## Quantization: importance matrix, i-quants, recipes", "", quantization, ""] if quantization else []),
+        "## Plots", "",
+        f"![quality against size]({figures['quality']})", "",
+        f"![generation speed against size]({figures['speed']})", "",
+        f"![training loss]({figures['loss']})" if "loss" in figures else loss_note, "",
+        "## Base vs fine-tuned", "", showcase(inputs), "",
+        "## Environment", "",
+        *[f"- {k}: `{v}`" for k, v in environment(inputs).items()], "",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,93 @@
+"""The names of the variants the pipeline builds and evaluates: the one place that knows them.
+
+A variant is one GGUF file the evaluation scores:
+
+    base, finetuned        the unquantized reference GGUFs of the base and of the merged model (convert@base,
+                           convert@finetuned): models/gguf/<name>-reference.gguf; `finetuned` is the reference
+                           every other variant is compared with
+    <entry>                each entry of quantize.types (quantize@<entry>): models/gguf/finetuned-<entry>.gguf
+
+A quantize.types entry is a llama.cpp level (`q4_k_m`), a level quantized with the importance matrix
+(`q4_k_m-imat`), a recipe name from quantize.recipes, or `searched` (the recipe the search stage writes).
+`parse` turns any variant name into what it is; dvc.yaml's evaluate stages follow the same stems (a test checks
+that they agree).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+BASE = "base"
+FINETUNED = "finetuned"          # the reference every other variant is compared with
+UNQUANTIZED = (BASE, FINETUNED)  # evaluated from convert's outputs, not quantized
+IMAT = "-imat"                   # <level>-imat: the level quantized with the importance matrix
+SEARCHED = "searched"            # the quantize.types entry whose recipe the search stage writes
+GGUF_DIR = "models/gguf"
+
+Kind = Literal["base", "reference", "plain", "imatrix", "i-quant", "recipe"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: Kind
+    level: str | None    # the llama.cpp level (ftype name, lower case); None for base, finetuned and searched
+    imatrix: bool        # quantized with the importance matrix
+    recipe: str | None   # the recipe's name (quantize.recipes or searched), else None
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind not in ("base", "reference")
+
+
+def parse(name: str, recipes: Mapping[str, Any]) -> Variant:
+    """What a variant name means. `recipes` is quantize.recipes (name → an object with `.type` and `.imatrix`); a
+    recipe named like a level wins, as the quantizer's plan does."""
+    if name == BASE:
+        return Variant(name, "base", None, False, None)
+    if name == FINETUNED:
+        return Variant(name, "reference", None, False, None)
+    if name in recipes:
+        r = recipes[name]
+        return Variant(name, "recipe", r.type, bool(r.imatrix), name)
+    if name == SEARCHED:
+        return Variant(name, "recipe", None, True, SEARCHED)  # the search stage only searches with the imatrix
+    imatrix = name.endswith(IMAT)
+    level = name.removesuffix(IMAT)
+    kind: Kind = "i-quant" if level.startswith("iq") else "imatrix" if imatrix else "plain"
+    return Variant(name, kind, level, imatrix, None)
+
+
+def gguf_stem(name: str) -> str:
+    """The GGUF file stem of a variant under models/gguf/ (dvc.yaml writes the same stems)."""
+    return f"{name}-reference" if name in UNQUANTIZED else f"{FINETUNED}-{name}"
+
+
+def gguf_path(name: str, folder: str = GGUF_DIR) -> str:
+    return f"{folder}/{gguf_stem(name)}.gguf"
+
+
+def evaluate_stage(name: str) -> str:
+    """The DVC stage that evaluates a variant (dvc.yaml: one foreach group per kind of source)."""
+    return f"evaluate-reference@{name}" if name in UNQUANTIZED else f"evaluate@{name}"
+
+
+def names(types: Iterable[str]) -> list[str]:
+    """Every evaluated variant, in report order: base, finetuned, then quantize.types as listed."""
+    return [*UNQUANTIZED, *types]
+
+
+def check_names(types: Iterable[str], recipe_names: Iterable[str]) -> None:
+    """ValueError naming the key when a quantize.types entry or recipe name would collide with another variant's
+    name or files."""
+    for name in recipe_names:
+        if name.endswith(IMAT):
+            raise ValueError(f"quantize.recipes.{name}: a recipe name must not end in {IMAT} (that suffix asks a "
+                             "level for the importance matrix; set the recipe's imatrix: true)")
+        if name in UNQUANTIZED:
+            raise ValueError(f"quantize.recipes.{name}: {name!r} is the unquantized {name} variant's name")
+    for name in types:
+        if name in UNQUANTIZED:
+            raise ValueError(f"quantize.types: {name!r} is an unquantized variant (evaluated from convert@{name}), "
+                             "not a quantization type")
