@@ -14,7 +14,7 @@ MLFLOW_PORT ?= 5000
 # make screenshots serves the store on its own port, so a running `make mlflow-ui` is left alone
 SCREENSHOT_PORT ?= 5099
 
-.PHONY: help setup repro test test-fast lint plots screenshots results-table mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report sweep
+.PHONY: help setup repro plan test test-fast lint plots screenshots results-table mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report sweep
 
 # make generate / chat / serve / bench-infer: which GGUF (models/gguf/finetuned-$(QUANT).gguf; QUANT=reference is the unquantized reference)
 QUANT ?= q4_0
@@ -75,8 +75,12 @@ $(PLOTS_TEMPLATE): $(VENV)/.deps tools/plots_template.py
 $(STAMP): $(VENV)/.deps $(VENV)/.llama $(PLOTS_TEMPLATE)
 	@touch $@
 
-repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults
+repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults, after printing its cost plan
+	@python -m tools.plan || echo "(no plan: see the error above; the stages check their own memory)"
 	PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro
+
+plan: $(STAMP) ## Each stage's predicted time and peak memory for the configured model on this machine (MODEL=… MEMORY=16GB)
+	python -m tools.plan $(if $(MODEL),--model $(MODEL)) $(if $(MEMORY),--memory $(MEMORY))
 
 test: $(STAMP) ## Every test: what CI runs (the real model end to end, DVC pipelines, kill -9 recovery)
 	python -m pytest

@@ -9,6 +9,10 @@ Run: python -m stages.base --params params.yaml --out models/base --metrics repo
   <folder>                        a local Hugging Face model folder
   <file>.gguf                     a local GGUF file
 Only the LLaMA architecture (model_type "llama") is accepted; anything else stops before weights load.
+
+A Hub repo or local folder of safetensors is copied one tensor at a time (cast to `base.dtype`, into shards of
+`base.max_shard_size`), so peak memory is about one shard whatever the model's size; the GGUF forms (and folders of
+`pytorch_model.bin`) load whole through transformers, which suits the embedded 135M model.
 """
 from __future__ import annotations
 
@@ -95,6 +99,57 @@ def check_architecture(src: Source, trust_remote_code: bool) -> None:
         raise StageError(f"base.model: architecture {arch!r} is not supported; this pipeline targets 'llama'")
 
 
+def hub_folder(src: Source) -> Path:
+    """A Hub repo's weights, config and tokenizer in the local HF cache (downloaded when the Hub is reachable)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(src.ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
+                                      **_offline_kwargs(src)))
+    except Exception as exc:  # offline and not cached, gated, or gone: one line either way
+        raise StageError(f"base.model: cannot fetch {src.ref!r} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
+
+
+def streamable(src: Source) -> Path | None:
+    """The local safetensors folder a source can be copied from tensor by tensor, or None (load it whole)."""
+    if src.kind in ("builtin", "gguf"):
+        return None
+    folder = hub_folder(src) if src.kind == "hub" else Path(src.ref)
+    return folder if any(folder.glob("*.safetensors")) else None
+
+
+def stream(folder: Path, params: BaseParams, out: Path) -> tuple[int, object]:
+    """Copy the checkpoint in `folder` into `out` in `base.dtype`, one tensor at a time; (parameters, config)."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from alpaca_lora_cpu.shards import ShardWriter, Weights
+
+    kw = {"trust_remote_code": params.trust_remote_code}
+    config = AutoConfig.from_pretrained(folder, **kw)
+    with torch.device("meta"):
+        expected = set(LlamaForCausalLM(config).state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")  # tied: transformers stores the embedding only
+    weights = Weights(folder, "base model")
+    missing = sorted(expected - set(weights.names()))
+    if missing:
+        raise StageError(f"base.model: {folder} lacks {len(missing)} tensor(s) a LLaMA of its config needs, "
+                         f"e.g. {missing[0]}")
+    from alpaca_lora_cpu.shards import parse_size
+
+    dtype, n = getattr(torch, params.dtype), 0
+    with ShardWriter(out, max_shard_bytes=parse_size(params.max_shard_size)) as writer:
+        for name in (k for k in weights.names() if k in expected):
+            writer.add(name, weights.get(name, dtype))
+            n += weights.numel(name)
+    config.dtype = dtype
+    config.architectures = ["LlamaForCausalLM"]  # what save_pretrained of the model writes; the converter reads it
+    config.save_pretrained(out)
+    return n, config
+
+
 def load(src: Source, params: BaseParams):
     """(model, tokenizer) as a plain fp LlamaForCausalLM, whatever the source format."""
     import torch
@@ -117,11 +172,7 @@ def load(src: Source, params: BaseParams):
         kw = {"trust_remote_code": params.trust_remote_code, **_offline_kwargs(src)}
         tokenizer = AutoTokenizer.from_pretrained(src.ref, **kw)
         model = AutoModelForCausalLM.from_pretrained(src.ref, dtype=dtype, **kw)
-    if tokenizer.eos_token_id is None:
-        raise StageError(f"base.model: tokenizer of {src.ref} has no EOS token")
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.eos_token_id if pad is None else pad
+    model.generation_config = _with_stops(model.generation_config, tokenizer, src.ref)
     return model.eval(), tokenizer
 
 
@@ -135,13 +186,58 @@ def _describe(src: Source) -> str:
     return f"{package}=={version(package.replace('_', '-'))}:{Path(src.ref).name}"
 
 
+def tokenizer_and_generation(folder: str | Path, params: BaseParams):
+    """The source's tokenizer and generation config, EOS and pad set as every later stage expects them."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=params.trust_remote_code)
+    try:
+        generation = GenerationConfig.from_pretrained(folder)
+    except OSError:  # no generation_config.json: the defaults
+        generation = GenerationConfig()
+    return tokenizer, _with_stops(generation, tokenizer, folder)
+
+
+def _with_stops(generation, tokenizer, where):
+    if tokenizer.eos_token_id is None:
+        raise StageError(f"base.model: tokenizer of {where} has no EOS token")
+    generation.eos_token_id = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    generation.pad_token_id = tokenizer.eos_token_id if pad is None else pad
+    return generation
+
+
+def check_memory(src: Source, config) -> None:
+    """Refuse (one line) a base that would not fit: a GGUF loads whole in fp32, a folder streams shard by shard."""
+    from alpaca_lora_cpu.cost import OVERHEAD, Cost, Shape, check, check_stage
+
+    if src.kind in ("builtin", "gguf"):
+        from alpaca_lora_cpu.gguf_files import check_gguf
+
+        try:
+            shape = Shape.of_gguf(check_gguf(src.ref))
+        except (StageError, KeyError):
+            return  # an unreadable file is reported by the load, with its own message
+        check(Cost("base", 0.0, OVERHEAD + 3 * 4 * shape.params, hint="base.model (a Hugging Face folder of "
+                   "safetensors streams shard by shard; a GGUF loads whole)"))
+    elif src.kind == "dir" and any(Path(src.ref).glob("*.safetensors")):
+        check_stage("base", config, Shape.read(src.ref))
+
+
 def run(params: BaseParams, out_dir: Path) -> dict:
     src = resolve(params.model)
     check_architecture(src, params.trust_remote_code)
     log.info("loading %s (%s)", src.ref, src.kind)
-    model, tokenizer = load(src, params)
+    folder = streamable(src)
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if folder is not None:
+            tokenizer, generation = tokenizer_and_generation(folder, params)
+            parameters, config = stream(folder, params, tmp)
+            generation.save_pretrained(tmp)
+        else:
+            model, tokenizer = load(src, params)
+            model.save_pretrained(tmp, safe_serialization=True)
+            parameters, config = sum(p.numel() for p in model.parameters()), model.config
         tokenizer.save_pretrained(tmp)
         shards = sorted(tmp.glob("*.safetensors"))
         weights_sha = sha256_files(shards)
@@ -149,9 +245,10 @@ def run(params: BaseParams, out_dir: Path) -> dict:
         "source": params.model,
         "source_kind": src.kind,
         "source_path": _describe(src),
-        "architecture": model.config.model_type,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_size": model.config.vocab_size,
+        "streamed": folder is not None,
+        "architecture": config.model_type,
+        "parameters": parameters,
+        "vocab_size": config.vocab_size,
         "dtype": params.dtype,
         "weights_sha256": weights_sha,
         "eos_token": tokenizer.eos_token,
@@ -166,9 +263,12 @@ METRICS = ["parameters", "vocab_size"]
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "out", "metrics")
     args = parse_args(ap, argv)
-    params = load_params(args.params).base
+    config = load_params(args.params)
+    params = config.base
     ensure_writable(args.out, args.metrics)
-    check_architecture(resolve(params.model), params.trust_remote_code)  # fail before tracking opens
+    src = resolve(params.model)
+    check_architecture(src, params.trust_remote_code)  # fail before tracking opens
+    check_memory(src, config)
     from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     with stage_run("base", {"base": as_dict(params)}) as mlflow:

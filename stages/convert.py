@@ -11,7 +11,8 @@ The output is the unquantized reference GGUF (`models/gguf/<source>-reference.gg
 from, in `convert.outtype`; the real tensor types are in the metrics (`outtype`, `tensor_types`).
 
 Gates (recorded in the metrics, fatal when broken, nothing written then), over `convert.gate_prompts`
-validation texts, comparing llama.cpp (llama-cpp-python) with the HF model it was converted from, in fp32:
+validation texts, comparing llama.cpp (llama-cpp-python) with the HF model it was converted from, in fp32 (run
+layer by layer after llama.cpp is closed, alpaca_lora_cpu/layerwise.py; the converter itself reads tensors lazily):
   tokenization_match  llama.cpp's completion-path tokenization == HF's (no double BOS, llama-cpp-python #1501)
   top1_agreement      argmax agreement over all positions >= convert.min_top1_agreement
 mean |Δ log-prob| of the actual next tokens and max |Δlogit| are recorded too.
@@ -30,7 +31,7 @@ from alpaca_lora_cpu.config import ConvertParams, PromptParams, as_dict, load_pa
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, ensure_writable
 from alpaca_lora_cpu.parity import GateFailure, run_gated
-from stages.merge import model_files
+from alpaca_lora_cpu.shards import checkpoint_files
 
 log = logging.getLogger("convert")
 
@@ -63,11 +64,13 @@ def tokenization_report(hf_ids: list[list[int]], gg_ids: list[list[int]], bos: i
 def gguf_gates(gguf_path: Path, model_dir: Path, texts: list[str], params: ConvertParams) -> dict:
     """Compare the GGUF with the HF model it came from; metrics with `gates`, `gates_passed`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from alpaca_lora_cpu.gguf_files import bits_per_weight, check_gguf, tensor_infos, type_counts
+    from alpaca_lora_cpu.layerwise import forward
     from alpaca_lora_cpu.llama import all_logits, open_llama, tokenize
-    from alpaca_lora_cpu.parity import compare, hf_logits
+    from alpaca_lora_cpu.parity import compare
+    from alpaca_lora_cpu.shards import Weights
 
     reader = check_gguf(gguf_path)
     infos = tensor_infos(reader)
@@ -80,8 +83,10 @@ def gguf_gates(gguf_path: Path, model_dir: Path, texts: list[str], params: Conve
         # Logits on the same (HF) ids, cut to the gate length, so a tokenization slip cannot hide in them.
         ids = [s[: params.gate_max_tokens] for s in hf_ids]
         got = [all_logits(llm, s) for s in ids]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    parity = compare(hf_logits(model, ids), got, ids)
+    # llama.cpp is closed by now: the HF side runs layer by layer, never holding both models
+    weights = Weights(model_dir, "model to convert")
+    parity = compare(forward(AutoConfig.from_pretrained(model_dir), lambda n: weights.get(n, torch.float32), ids),
+                     got, ids)
     metrics = {
         "tensor_types": type_counts(infos), "bits_per_weight": bits_per_weight(infos),
         "tokenization": toks, "logits": parity,
@@ -109,7 +114,7 @@ def run(params: ConvertParams, prompt: PromptParams, model_dir: Path, val: Path,
 
     from alpaca_lora_cpu.parity import gate_texts
 
-    model_files(model_dir, "model to convert")
+    checkpoint_files(model_dir, "model to convert")
     ensure_writable(out)
     texts = gate_texts(val, params.gate_prompts, prompt.template, AutoTokenizer.from_pretrained(model_dir))
     with atomic_path(out) as tmp:
@@ -135,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     config = load_params(args.params)
     params, prompt = config.convert, config.prompt
     ensure_writable(args.metrics)
+    from alpaca_lora_cpu.cost import Shape, check_stage
+
+    check_stage("convert", config, Shape.read(args.model))
     from alpaca_lora_cpu.tracking import stage_run
 
     with stage_run("convert", {"convert": as_dict(params), "prompt": as_dict(prompt)},

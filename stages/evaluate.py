@@ -57,8 +57,8 @@ def score(gguf: Path, ref: Reference, threads: int) -> dict:
     """Perplexity and the KLD statistics of the variant over every reference response position."""
     from tqdm import tqdm
 
-    from alpaca_lora_cpu.llama import open_llama, response_log_probs
-    from alpaca_lora_cpu.metrics import TopK, compare, summarize
+    from alpaca_lora_cpu.llama import open_llama, response_logits
+    from alpaca_lora_cpu.metrics import TopK, compare_logits, summarize
 
     a = ref.arrays
     offsets, n_prompt = a["offsets"], a["n_prompt"]
@@ -70,11 +70,11 @@ def score(gguf: Path, ref: Reference, threads: int) -> dict:
                              f"{ref.meta['n_vocab']}")
         for i in tqdm(range(len(n_prompt)), desc=f"scoring {gguf.name}", unit="record"):
             ids = a["tokens"][offsets[i]:offsets[i + 1]].tolist()
-            q = response_log_probs(llm, ids, int(n_prompt[i]))
+            q = response_logits(llm, ids, int(n_prompt[i]))
             n = len(q)
             sl = slice(pos, pos + n)
             top = TopK(a["top_ids"][sl], a["top_logp"][sl], a["tail_logp"][sl], a["target_logp"][sl])
-            for key, value in compare(top, q, np.asarray(ids[int(n_prompt[i]):])).items():
+            for key, value in compare_logits(top, q, np.asarray(ids[int(n_prompt[i]):])).items():
                 parts.setdefault(key, []).append(value)
             pos += n
     if pos != len(a["target_logp"]):
@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     config = load_params(args.params)
     params = config.evaluate
     ref = check_inputs(args.variant, args.gguf, args.reference)
+    from alpaca_lora_cpu.cost import check_mapped
+
+    check_mapped(f"evaluate@{args.variant}", args.gguf, f"quantize.types (drop {args.variant})")
     from alpaca_lora_cpu.metric_table import flat_paths
     from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 

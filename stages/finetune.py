@@ -67,6 +67,17 @@ def read_split(path: Path) -> list[dict]:
     return read_jsonl(path, "data split", "run the prepare stage first")
 
 
+def check_memory(config, paths: Paths) -> None:
+    """On a CPU, refuse (one line) a fine-tune whose base, optimizer state and activations would not fit; on a
+    GPU the memory that counts is the GPU's, which the plan does not model."""
+    import torch
+
+    from alpaca_lora_cpu.cost import Shape, check_stage
+
+    if not torch.cuda.is_available():
+        check_stage("finetune", config, Shape.read(paths.base), paths.data)
+
+
 def check_inputs(params: FinetuneParams, paths: Paths) -> tuple[list[dict], list[dict]]:
     """Everything that can be wrong with the input, checked before any weights load."""
     train, val = read_split(paths.data / "train.jsonl"), read_split(paths.data / "val.jsonl")
@@ -236,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     params, prompt = config.finetune, config.prompt
     paths = Paths(args.base, args.data, args.out, args.checkpoints, args.metrics, args.plots)
     splits = check_inputs(params, paths)  # bad input stops here, before tracking and weights
+    check_memory(config, paths)
     if check_world(params.processes):
         accelerate = config_file(args.accelerate_configs, params.accelerate_config)
         sys.exit(relaunch("stages.finetune", sys.argv[1:] if argv is None else argv, params.processes, accelerate))

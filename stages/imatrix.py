@@ -5,11 +5,11 @@ Run: python -m stages.imatrix --params params.yaml --merged models/merged --data
 
 Calibration text (`imatrix.source`): `train` (default: the training split, in the training prompt format,
 prompt + response + EOS, as the model saw it), `val`, or a local JSON/JSONL/parquet file of records in the
-`data.format` layout. Records are
-taken in order, each cut to `imatrix.chunk_size` tokens, until `imatrix.max_tokens`. The statistics come from
-forward hooks on the merged fp32 checkpoint (src/alpaca_lora_cpu/imatrix.py); the file is what
-`llama-quantize --imatrix` reads, and the quantize stage passes it to llama.cpp's quantizer for the
-`-imat` types. The val split is the evaluation set: calibrating on it would flatter the imatrix variants.
+`data.format` layout. Records are taken in order, each cut to `imatrix.chunk_size` tokens, until
+`imatrix.max_tokens`. The statistics come from hooks on the merged checkpoint's linear inputs, one decoder layer
+at a time in fp32 (src/alpaca_lora_cpu/imatrix.py); the file is what `llama-quantize --imatrix` reads, and the
+quantize stage passes it to llama.cpp's quantizer for the `-imat` types. The val split is the evaluation set:
+calibrating on it would flatter the imatrix variants.
 """
 from __future__ import annotations
 
@@ -62,19 +62,19 @@ def token_sequences(records: list[dict], tokenizer, template: str, params: Imatr
 def run(params: ImatrixParams, template: str, fmt: str, merged: Path, data: Path, out: Path) -> dict:
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from alpaca_lora_cpu.imatrix import Imatrix, collect, write
+    from alpaca_lora_cpu.shards import Weights, checkpoint_files
 
     records, source_file = calibration_records(params.source, fmt, data)
-    if not (merged / "config.json").is_file():
-        raise StageError(f"{merged}: no config.json (run the merge stage first)")
+    checkpoint_files(merged, "merged model")
     tokenizer = AutoTokenizer.from_pretrained(merged)
     sequences = token_sequences(records, tokenizer, template, params)
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    config, weights = AutoConfig.from_pretrained(merged), Weights(merged, "merged model")
     t0 = time.time()
-    with tqdm(total=sum(map(len, sequences)), unit="tok", desc="imatrix") as bar:
-        sums, counts = collect(model, sequences, bar.update)
+    with tqdm(total=config.num_hidden_layers, unit="layer", desc=f"imatrix ({sum(map(len, sequences))} tokens)") as bar:
+        sums, counts = collect(config, lambda n: weights.get(n, torch.float32), sequences, lambda _: bar.update())
     seconds = time.time() - t0
     name = params.source if params.source in ("train", "val") else source_file.name
     imatrix = Imatrix(sums, counts, [name], len(sequences), max(map(len, sequences)))
@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     config = load_params(args.params)
     params = config.imatrix
     ensure_writable(args.out, args.metrics)
+    from alpaca_lora_cpu.cost import Shape, check_stage
+
+    check_stage("imatrix", config, Shape.read(args.merged), args.data)
     from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     with stage_run("imatrix", {"imatrix": as_dict(params), "prompt": as_dict(config.prompt),

@@ -3,15 +3,18 @@
 Run: python -m stages.merge --params params.yaml --base models/base --adapter models/adapter \
          --val data/prepared/val.jsonl --out models/merged --metrics reports/metrics/merge.json
 
-The base is loaded in `export.dtype` (never 8/4-bit, even when training used a quantized base: merging into
-quantized weights corrupts the model, transformers #31293, axolotl #1263), upcast to fp32 for the merge, merged
-with PEFT's `merge_and_unload`, cast back to `export.dtype` and saved as sharded safetensors
-(`export.max_shard_size`) with the tokenizer and generation config (alpaca-lora's export forgot the tokenizer).
+One base tensor at a time: read in `export.dtype` (never 8/4-bit, even when training used a quantized base:
+merging into quantized weights corrupts the model, transformers #31293, axolotl #1263), upcast to fp32, the
+adapter's scale · B A added where it targets (what PEFT's `merge_and_unload` computes, alpaca_lora_cpu/lora.py),
+cast back to `export.dtype` and written into safetensors shards of `export.max_shard_size`, with the tokenizer and
+generation config (alpaca-lora's export forgot the tokenizer). Peak memory: one shard being written plus one
+decoder layer for the gate, never the whole model.
 
 Gates (recorded in the metrics, fatal when broken, nothing written then):
   weights_changed   every module the adapter targets differs from the base (a no-op merge is alpaca-lora #291)
-  logits_match      base+adapter (unmerged, fp32) and the saved merged model (reloaded, fp32) agree on
-                    `export.gate_prompts` validation texts: max |Δlogit| <= `export.max_logit_diff`
+  logits_match      base+adapter (unmerged, PEFT's forward, fp32) and the saved merged model (read back, fp32)
+                    agree on `export.gate_prompts` validation texts: max |Δlogit| <= `export.max_logit_diff`;
+                    both forwards run layer by layer (alpaca_lora_cpu/layerwise.py)
 """
 from __future__ import annotations
 
@@ -20,71 +23,32 @@ import logging
 import time
 from pathlib import Path
 
+from alpaca_lora_cpu import lora
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import ExportParams, PromptParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import ensure_writable, sha256_files
+from alpaca_lora_cpu.lora import PEFT_PREFIX, WEIGHTS, read_config
 from alpaca_lora_cpu.parity import GateFailure, run_gated
 
 log = logging.getLogger("merge")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 
 # ---------------------------------------------------------------- checks before any weights load
 
-def safetensors_shapes(files: list[Path], what: str) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape from safetensors headers only (cheap, and catches corrupt files early)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    shapes[k] = tuple(fh.get_slice(k).get_shape())
-        except Exception as exc:  # safetensors raises its own SafetensorError for damaged headers
-            raise StageError(f"{what} {f} is corrupt or not safetensors ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:120]})") from exc
-    return shapes
-
-
-def model_files(folder: Path, what: str) -> list[Path]:
-    if not (folder / "config.json").is_file():
-        raise StageError(f"{what} {folder}: no config.json (not a Hugging Face model folder)")
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise StageError(f"{what} {folder}: no *.safetensors weights")
-    return files
-
-
-def read_adapter_config(adapter: Path) -> dict:
-    cfg_path = adapter / "adapter_config.json"
-    if not adapter.is_dir():
-        raise StageError(f"adapter folder {adapter} not found (run the finetune stage first)")
-    if not cfg_path.is_file():
-        raise StageError(f"adapter {adapter}: adapter_config.json missing (not a PEFT adapter folder)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StageError(f"adapter {cfg_path} is corrupt: not valid JSON") from exc
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise StageError(f"adapter {cfg_path}: peft_type must be LORA, got {cfg.get('peft_type')!r}")
-    if not (adapter / ADAPTER_WEIGHTS).is_file():
-        raise StageError(f"adapter {adapter}: {ADAPTER_WEIGHTS} missing")
-    return cfg
-
-
 def check_adapter_fits(base: Path, adapter: Path) -> list[str]:
     """The base modules the adapter targets; StageError naming both models if any shape disagrees."""
-    cfg = read_adapter_config(adapter)
-    base_shapes = safetensors_shapes(model_files(base, "base model"), "base weights")
-    lora = safetensors_shapes([adapter / ADAPTER_WEIGHTS], "adapter weights")
+    from alpaca_lora_cpu.shards import Weights, checkpoint_files
+
+    cfg = read_config(adapter)
+    checkpoint_files(base, "base model")
+    base_shapes = Weights(base, "base weights").shape
+    adapter_shapes = Weights(adapter, "adapter weights").shape
     trained_on = cfg.get("base_model_name_or_path") or "an unnamed base"
     base_name = json.loads((base / "config.json").read_text()).get("_name_or_path") or str(base)
     targets = []
-    for key, shape in sorted(lora.items()):
+    for key, shape in sorted(adapter_shapes.items()):
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
         module = key.removeprefix(PEFT_PREFIX).split(".lora_")[0]
@@ -100,65 +64,90 @@ def check_adapter_fits(base: Path, adapter: Path) -> list[str]:
                              f"{side} {got} in the adapter but {want} in base {base} ({base_name})")
         targets.append(module)
     if not targets:
-        raise StageError(f"adapter {adapter}: {ADAPTER_WEIGHTS} holds no LoRA weights")
+        raise StageError(f"adapter {adapter}: {WEIGHTS} holds no LoRA weights")
     return sorted(set(targets))
 
 
 # ---------------------------------------------------------------- the work
 
-def weight_changes(base_sd: dict, merged_sd: dict) -> dict[str, float]:
-    """Max |ΔW| per tensor present in both."""
-    return {k: float((merged_sd[k].float() - v.float()).abs().max()) for k, v in base_sd.items() if k in merged_sd}
+def fold(base: Path, adapter: lora.Adapter, dtype, out: Path, max_shard_bytes: int) -> dict[str, float]:
+    """Write base + adapter into `out`, one tensor at a time; max |ΔW| per tensor (what the merge changed)."""
+    from alpaca_lora_cpu.shards import ShardWriter, Weights
+
+    weights = Weights(base, "base model")
+    changes = {}
+    with ShardWriter(out, max_shard_bytes) as writer:
+        for name in weights.names():
+            module = name.removesuffix(".weight")
+            if module not in adapter.modules:  # untouched: copied in the export dtype, no fp32 copy
+                writer.add(name, weights.get(name, dtype))
+                continue
+            w = weights.get(name, dtype).float()  # the export dtype's values, in fp32 for the addition
+            merged = (w + adapter.delta(module)).to(dtype)
+            changes[name] = float((merged.float() - w).abs().max())
+            writer.add(name, merged)
+    return changes
+
+
+def write_configs(base: Path, tokenizer, dtype, out: Path) -> None:
+    """config.json (in the export dtype), generation_config.json and the tokenizer beside the shards."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(base)
+    config.dtype = dtype
+    config.architectures = ["LlamaForCausalLM"]  # what save_pretrained of the model writes; the converter reads it
+    config.save_pretrained(out)
+    if (base / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(base).save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def run(params: ExportParams, prompt: PromptParams, base: Path, adapter: Path, val: Path, out: Path) -> dict:
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from alpaca_lora_cpu.files import atomic_path
-    from alpaca_lora_cpu.parity import compare, gate_texts, hf_logits, hf_token_ids
+    from alpaca_lora_cpu.layerwise import Lora, forward
+    from alpaca_lora_cpu.memory import trim
+    from alpaca_lora_cpu.parity import compare, gate_texts, hf_token_ids
+    from alpaca_lora_cpu.shards import Weights, parse_size
 
     targets = check_adapter_fits(base, adapter)
     ensure_writable(out)
     dtype = getattr(torch, TORCH_DTYPES[params.dtype])
+    shard_bytes = parse_size(params.max_shard_size)
     tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else base
     tokenizer = AutoTokenizer.from_pretrained(tok_src)
     texts = gate_texts(val, params.gate_prompts, prompt.template, tokenizer)
     ids = hf_token_ids(tokenizer, texts, params.gate_max_tokens)
+    folded = lora.read(adapter)
+    config = AutoConfig.from_pretrained(base)
 
     t0 = time.perf_counter()
-    # Load in the export dtype, then merge in fp32 so the only rounding is the final cast.
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).float()
-    base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    peft_model = PeftModel.from_pretrained(model, adapter).eval()
-    reference = hf_logits(peft_model, ids)
-    merged = peft_model.merge_and_unload().to(dtype)
-    changes = weight_changes(base_sd, merged.state_dict())
-    del base_sd
-    unchanged = [m for m in targets if changes.get(m + ".weight", 0.0) == 0.0]
-    changed = sorted(k for k, v in changes.items() if v > 0)
-
-    metrics = {
-        "dtype": params.dtype, "adapter_targets": len(targets), "changed_tensors": len(changed),
-        "unchanged_targets": unchanged[:5], "max_abs_weight_delta": max(changes.values(), default=0.0),
-        "gate_prompts": len(ids), "gate_tokens": sum(map(len, ids)),
-    }
+    # The reference: the base in the export dtype (as merged), the adapter applied unmerged.
+    source = Weights(base, "base model")
+    reference = forward(config, lambda name: source.get(name, dtype).float(), ids, lora=Lora(folded.modules))
     with atomic_path(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=params.max_shard_size)
-        tokenizer.save_pretrained(tmp)
-        # The gate runs on what was written: reload the saved files in fp32.
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        parity = compare(reference, hf_logits(reloaded, ids), ids)
+        changes = fold(base, folded, dtype, tmp, shard_bytes)
+        trim()
+        write_configs(base, tokenizer, dtype, tmp)
+        unchanged = [m for m in targets if changes.get(m + ".weight", 0.0) == 0.0]
+        changed = sorted(k for k, v in changes.items() if v > 0)
+        # The gate runs on what was written: read back in fp32.
+        saved = Weights(tmp, "merged model")
+        parity = compare(reference, forward(config, lambda name: saved.get(name, torch.float32), ids), ids)
         shards = sorted(tmp.glob("*.safetensors"))
-        metrics.update({
+        metrics = {
+            "dtype": params.dtype, "adapter_targets": len(targets), "changed_tensors": len(changed),
+            "unchanged_targets": unchanged[:5], "max_abs_weight_delta": max(changes.values(), default=0.0),
+            "gate_prompts": len(ids), "gate_tokens": sum(map(len, ids)),
             "logits": parity, "shards": len(shards), "weights_sha256": sha256_files(shards),
             "merged_bytes": sum(s.stat().st_size for s in shards), "seconds": time.perf_counter() - t0,
             "gates": {
                 "weights_changed": bool(changed) and not unchanged,
                 "logits_match": parity["max_abs_logit_diff"] <= params.max_logit_diff,
             },
-        })
+        }
         metrics["gates_passed"] = all(metrics["gates"].values())
         if not metrics["gates_passed"]:
             raise GateFailure(metrics, _gate_message(metrics, params))
@@ -186,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     config = load_params(args.params)
     params, prompt = config.export, config.prompt
     ensure_writable(args.metrics)
+    from alpaca_lora_cpu.cost import Shape, check_stage
+
+    check_stage("merge", config, Shape.read(args.base))
     from alpaca_lora_cpu.tracking import stage_run
 
     with stage_run("merge", {"export": as_dict(params), "prompt": as_dict(prompt)}) as mlflow:

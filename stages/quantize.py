@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     prompt = params.prompt
     plan = plan_for(args.type, params.quantize.recipes, args.searched)
     ensure_writable(args.metrics)
+    from alpaca_lora_cpu.cost import check_mapped
+
+    check_mapped(f"quantize@{args.type}", args.src, "convert.outtype (q8_0: a smaller reference)")
     from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     recipe = params.quantize.recipes.get(args.type) or (read_recipe(args.searched) if args.type == SEARCHED else None)

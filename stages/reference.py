@@ -12,8 +12,12 @@ Run: python -m stages.reference --params params.yaml --gguf models/gguf/finetune
   log-prob (see src/alpaca_lora_cpu/metrics.py for why that is enough for KLD, top-1 and Δp).
 - Stores the prompts every variant answers: the first `reference.generate_records` validation prompts and the
   fixed `reference.showcase_prompts`.
+- Caps both by the model's size: records are scored while parameters × their tokens stay within
+  `reference.max_scored_ptokens`, answers kept while parameters × answers × `evaluate.max_new_tokens` stay within
+  `reference.max_generated_ptokens` (the same cut on every machine; no cut for the 135M default).
 - Measures Hugging Face transformers fp32 speed on models/merged (the "without llama.cpp" reference), with
-  the same threads and prompt/generation lengths as `evaluate`.
+  the same threads and prompt/generation lengths as `evaluate`, when the whole fp32 model fits the memory the
+  stage may use (alpaca_lora_cpu/cost.py); otherwise it records why it was skipped.
 Every `evaluate` metrics file carries this stage's `run_id`; `report` refuses files with different ones.
 """
 from __future__ import annotations
@@ -62,16 +66,41 @@ def prompt_pairs(records: list[dict], template: str, gguf: Path, val: Path) -> l
     return pairs
 
 
-def score_reference(gguf: Path, pairs: list[tuple[str, str]], params: ReferenceParams, threads: int):
-    """Token sequences and the reference's compact distributions over every response position."""
-    from tqdm import tqdm
-
-    from alpaca_lora_cpu.llama import open_llama, response_log_probs, tokenize_record
-    from alpaca_lora_cpu.metrics import top_k_summary
+def tokenized(gguf: Path, pairs: list[tuple[str, str]], params: ReferenceParams, threads: int):
+    """(token ids and prompt length of each record, vocabulary size, the model's parameter count)."""
+    from alpaca_lora_cpu.llama import n_params, open_llama, tokenize_record
 
     with open_llama(gguf, threads=threads, n_ctx=64) as probe:
         seqs = [tokenize_record(probe, prompt, answer, params.max_response_tokens) for prompt, answer in pairs]
-        n_vocab = probe.n_vocab()
+        return seqs, probe.n_vocab(), n_params(probe)
+
+
+def within(costs: list[float], budget: float) -> int:
+    """How many of the items, in order, fit `budget` (at least one)."""
+    total, n = 0.0, 0
+    for c in costs:
+        if n and total + c > budget:
+            break
+        total, n = total + c, n + 1
+    return n
+
+
+def answered(rows: list[dict], answers: int) -> list[dict]:
+    """The first `answers` prompts, always keeping the first showcase prompt (the report compares every variant's
+    answer to it)."""
+    if answers >= len(rows):
+        return rows
+    first = next(r for r in rows if r["kind"] == "showcase")
+    return [*[r for r in rows if r is not first][:answers - 1], first]
+
+
+def score_reference(gguf: Path, seqs: list[tuple[list[int], int]], params: ReferenceParams, threads: int):
+    """The reference's compact distributions over every response position of `seqs`."""
+    from tqdm import tqdm
+
+    from alpaca_lora_cpu.llama import open_llama, response_log_probs
+    from alpaca_lora_cpu.metrics import top_k_summary
+
     n_ctx = max(len(ids) for ids, _ in seqs)
     parts = []
     with open_llama(gguf, threads=threads, n_ctx=n_ctx, logits_all=True) as llm:
@@ -87,11 +116,22 @@ def score_reference(gguf: Path, pairs: list[tuple[str, str]], params: ReferenceP
         "top_logp": np.concatenate([p.logp for p in parts]),
         "tail_logp": np.concatenate([p.tail_logp for p in parts]),
         "target_logp": np.concatenate([p.target_logp for p in parts]),
-    }, n_vocab
+    }
 
 
 def hf_speed(merged: Path, threads: int, speed: SpeedParams) -> dict:
-    """transformers fp32 on the merged checkpoint: prompt tok/s (one forward) and greedy generate tok/s."""
+    """transformers fp32 on the merged checkpoint: prompt tok/s (one forward) and greedy generate tok/s; a
+    `skipped` reason instead when the whole fp32 model does not fit the memory this stage may use."""
+    from alpaca_lora_cpu.cost import Shape, fits_hf_speed
+
+    shape = Shape.read(merged)
+    if not fits_hf_speed(shape):
+        from alpaca_lora_cpu.memory import available_memory
+
+        reason = (f"the fp32 model ({4 * shape.params / 1e9:.1f} GB) does not fit the "
+                  f"{available_memory() / 1e9:.1f} GB this stage may use")
+        log.warning("transformers fp32 speed skipped: %s", reason)
+        return {"skipped": reason, "threads": threads}
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,23 +183,29 @@ def check_inputs(gguf: Path, merged: Path, val: Path) -> list[dict]:
 
 
 def run(params: ReferenceParams, template: str, threads: int, speed: SpeedParams, gguf: Path, merged: Path,
-        val: Path, records: list[dict], out_dir: Path) -> dict:
+        val: Path, records: list[dict], out_dir: Path, max_new_tokens: int = 256) -> dict:
     from alpaca_lora_cpu.gguf_files import chat_template, check_gguf
 
     records = records[:params.max_records] if params.max_records else records
     pairs = prompt_pairs(records, template, gguf, val)
-    n_gen = min(params.generate_records or len(records), len(records))
-    gguf_sha, val_sha = sha256_file(gguf), sha256_file(val)
-    arrays, n_vocab = score_reference(gguf, pairs, params, threads)
-    hf = hf_speed(merged, threads, speed)
-    run_id = run_id_of(gguf_sha, val_sha, params, template)
+    seqs, n_vocab, n_params = tokenized(gguf, pairs, params, threads)
+    n_scored = within([len(ids) * n_params for ids, _ in seqs], params.max_scored_ptokens)
+    pairs, seqs = pairs[:n_scored], seqs[:n_scored]
     chat = chat_template(check_gguf(gguf))
-    rows = [{"kind": "val", "id": i, "prompt": pairs[i][0], "reference": pairs[i][1]} for i in range(n_gen)]
+    rows = [{"kind": "val", "id": i, "prompt": pairs[i][0], "reference": pairs[i][1]}
+            for i in range(min(params.generate_records or n_scored, n_scored))]
     rows += [{"kind": "showcase", "id": i, "instruction": text, "prompt": render(template, text, "", chat),
               "reference": None} for i, text in enumerate(params.showcase_prompts)]
+    answers = within([n_params * max_new_tokens] * len(rows), params.max_generated_ptokens)
+    rows = answered(rows, answers)
+    n_gen = sum(r["kind"] == "val" for r in rows)
+    gguf_sha, val_sha = sha256_file(gguf), sha256_file(val)
+    arrays = score_reference(gguf, seqs, params, threads)
+    hf = hf_speed(merged, threads, speed)
+    run_id = run_id_of(gguf_sha, val_sha, params, template)
     meta = {
         "run_id": run_id, "gguf": str(gguf), "gguf_sha256": gguf_sha, "val": str(val), "val_sha256": val_sha,
-        "records": len(records), "positions": int(len(arrays["target_logp"])), "n_vocab": n_vocab,
+        "records": n_scored, "positions": int(len(arrays["target_logp"])), "n_vocab": n_vocab,
         "prompt_template": template, "params": as_dict(params),
     }
     with atomic_path(out_dir) as tmp:
@@ -170,7 +216,8 @@ def run(params: ReferenceParams, template: str, threads: int, speed: SpeedParams
     from alpaca_lora_cpu.metrics import perplexity
 
     return {"run_id": run_id, "records": meta["records"], "positions": meta["positions"],
-            "generate_prompts": n_gen, "showcase_prompts": len(params.showcase_prompts),
+            "records_cut_by_budget": len(records) - n_scored, "parameters": n_params,
+            "generate_prompts": n_gen, "showcase_prompts": sum(r["kind"] == "showcase" for r in rows),
             "top_k": params.top_k, "reference_ppl": perplexity(arrays["target_logp"]),
             "gguf_sha256": gguf_sha, "val_sha256": val_sha, "hf_fp32": hf}
 
@@ -186,17 +233,23 @@ def main(argv: list[str] | None = None) -> None:
     config = load_params(args.params)
     params, template, ev = config.reference, config.prompt.template, config.evaluate
     records = check_inputs(args.gguf, args.merged, args.val)
+    from alpaca_lora_cpu.cost import check_mapped
+
+    check_mapped("reference", args.gguf, "convert.outtype (q8_0: a smaller reference)")
     from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     with stage_run("reference", {"reference": as_dict(params), "prompt": {"template": template},
-                                 "evaluate": {"threads": ev.threads, "speed": as_dict(ev.speed)}}) as mlflow:
-        metrics = run(params, template, ev.threads, ev.speed, args.gguf, args.merged, args.val, records, args.out)
-        write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
+                                 "evaluate": {"threads": ev.threads, "speed": as_dict(ev.speed),
+                                              "max_new_tokens": ev.max_new_tokens}}) as mlflow:
+        metrics = run(params, template, ev.threads, ev.speed, args.gguf, args.merged, args.val, records, args.out,
+                      ev.max_new_tokens)
+        # a skipped transformers speed row leaves its two numbers out
+        write_stage_metrics(mlflow, args.metrics, metrics, METRICS, strict=False)
         mlflow.set_tags({"eval_run_id": metrics["run_id"]})
         mlflow.log_artifact(str(args.out / "meta.json"))
-    log.info("reference %s: %d records, %d response positions, PPL %.3f; transformers fp32 %.1f gen tok/s",
-             metrics["run_id"], metrics["records"], metrics["positions"], metrics["reference_ppl"],
-             metrics["hf_fp32"]["gen_tps"])
+    log.info("reference %s: %d records, %d response positions, PPL %.3f; transformers fp32 %s", metrics["run_id"],
+             metrics["records"], metrics["positions"], metrics["reference_ppl"],
+             metrics["hf_fp32"].get("skipped") or f"{metrics['hf_fp32']['gen_tps']:.1f} gen tok/s")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ Run: python -m stages.search --params params.yaml --src models/gguf/finetuned-re
    evaluates on), each record prompt + response + EOS. The reference GGUF's next-token distributions on them
    are kept as top-k summaries (src/alpaca_lora_cpu/metrics.py).
 2. Sensitivity: with every group at q8_0, each group alone is set to each type of `search.types` its rows fit
-   (k-/i-quants need rows divisible by 256; SmolLM2's 576-wide ones take only 32-blocks), quantized with the
-   importance matrix and scored: the mean KLD over all calibration positions.
+   (k-/i-quants need rows divisible by 256; SmolLM2's 576-wide ones take only 32-blocks) and scored: the mean
+   KLD over all calibration positions. The model is quantized (with the importance matrix) once per type, every
+   group at that type, and each candidate is assembled from those files' tensors (gguf_files.assemble: the same
+   bytes llama.cpp writes for that recipe), so the quantizing grows with the number of types, not candidates.
 3. Knapsack: the KLD increases are taken as additive; a multiple-choice knapsack over the groups' estimated
    sizes picks the assignments with the smallest total within the budget (`search.budget_mib`, default the
    stock q4_0 file's size).
-4. Verify: the best `search.verify` assignments are quantized and measured for real; the best one that fits
+4. Verify: the best `search.verify` assignments are assembled and measured for real; the best one that fits
    the budget is written as a recipe (the quantize stage builds it as the `searched` entry of quantize.types).
 Every candidate's measurement goes to the candidates CSV and MLflow.
 """
@@ -128,7 +130,7 @@ def _reference(src: str, texts: list[str], max_tokens: int, top_k: int, out: str
     from alpaca_lora_cpu.metrics import log_probs, top_k_summary
 
     seqs, total = [], 0
-    with open_llama(src, n_ctx=1024, threads=threads, logits_all=True) as llm:
+    with open_llama(src, n_ctx=1024, threads=threads, logits_all=True, in_child=True) as llm:
         for text in texts:
             ids = tokenize(llm, text)[:512]
             ids = ids[:max_tokens - total]
@@ -143,36 +145,77 @@ def _reference(src: str, texts: list[str], max_tokens: int, top_k: int, out: str
     return total
 
 
-def _measure_all(src: str, dst: str, plans: list, imatrix: str, ref: str, threads: int, desc: str
-                 ) -> list[tuple[float, int]]:
-    """`_measure` for each plan, in one child process (one interpreter start for the whole batch)."""
+def plan_of(name: str, assignment: dict[str, str]):
+    """The quantizer's plan for an assignment {group: GGML type}: its recipe (recipe_of) as llama.cpp is asked."""
+    from alpaca_lora_cpu.quantizer import Plan
+
+    r = recipe_of(assignment)
+    return Plan(name, r["type"], True, r["token_embedding"].upper(), r["output"].upper(),
+                tuple((k, v.upper()) for k, v in r["overrides"].items()), recipe=True)
+
+
+def _quantize_types(src: str, imatrix: str, work: str, types: dict[str, dict[str, str]], threads: int
+                    ) -> dict[str, str]:
+    """In a child: one llama.cpp quantization per type, every group whose rows fit it at that type (the rest q8_0);
+    type → file. Every candidate is then assembled from these files' tensors, never quantized again."""
     from tqdm import tqdm
 
-    return [_measure(src, dst, plan, imatrix, ref, threads) for plan in tqdm(plans, desc=desc, unit="candidate")]
-
-
-def _measure(src: str, dst: str, plan, imatrix: str, ref: str, threads: int) -> tuple[float, int]:
-    """Quantize `plan` and score it: (mean KLD against the reference over the calibration positions, bytes)."""
-    from alpaca_lora_cpu.llama import all_logits, open_llama
-    from alpaca_lora_cpu.metrics import TopK, kld_top_k, log_probs
     from alpaca_lora_cpu.quantizer import quantize_here
 
-    rc, _, lines = quantize_here(src, dst, plan, threads, imatrix)
-    if rc != 0:
-        raise StageError(f"llama.cpp's quantizer failed on a search candidate: {(lines or ['?'])[-1][:200]}")
+    files = {}
+    for ttype, assignment in tqdm(types.items(), desc="search: quantize each type once", unit="type"):
+        dst = str(Path(work) / f"type-{ttype.lower()}.gguf")
+        rc, _, lines = quantize_here(src, dst, plan_of(f"type-{ttype}", assignment), threads, imatrix)
+        if rc != 0:
+            raise StageError(f"llama.cpp's quantizer failed on the search's {ttype} pass: {(lines or ['?'])[-1][:200]}")
+        check_types(dst, plan_of(ttype, assignment))
+        files[ttype] = dst
+    return files
+
+
+def _score_all(files: dict[str, str], groups: list, assignments: list[dict[str, str]], dst: str, ref: str,
+               threads: int, desc: str) -> list[tuple[float, int]]:
+    """In a child: each assignment assembled from the per-type files (gguf_files.assemble) and scored:
+    [(mean KLD against the reference over the calibration positions, bytes)]."""
+    from tqdm import tqdm
+
+    from alpaca_lora_cpu.gguf_files import assemble, tensor_infos
+
+    names = {g.name: [t[0] for t in g.tensors] for g in groups}
+    out = []
+    for assignment in tqdm(assignments, desc=desc, unit="candidate"):
+        sources = {n: files[ttype] for g, ttype in assignment.items() for n in names[g]}
+        assemble(files[TOP], sources, dst)
+        wrong = [t.name for t in tensor_infos(dst) if t.name in sources and t.type != assignment_of(t.name,
+                                                                                                     assignment)]
+        if wrong:
+            raise StageError(f"internal: the assembled candidate stores {wrong[0]} in another type than asked")
+        out.append((score(dst, ref, threads), os.path.getsize(dst)))
+        os.remove(dst)
+    return out
+
+
+def assignment_of(tensor: str, assignment: dict[str, str]) -> str | None:
+    """The type an assignment gives a tensor (by its group), or None."""
+    return next((t for g, t in assignment.items() if re.search(GROUPS[g], tensor)), None)
+
+
+def score(path: str, ref: str, threads: int) -> float:
+    """Mean KLD of a GGUF against the reference's top-k summaries over every calibration position."""
+    from alpaca_lora_cpu.llama import all_logits, open_llama
+    from alpaca_lora_cpu.metrics import TopK, compare_logits
+
     z = np.load(ref)
     klds, start, pos = [], 0, 0
-    with open_llama(dst, n_ctx=1024, threads=threads, logits_all=True) as llm:
+    # this runs in a child already (the stage's call_in_child): no preflight child of its own per candidate
+    with open_llama(path, n_ctx=1024, threads=threads, logits_all=True, in_child=True) as llm:
         for n in z["lengths"]:
             ids = z["ids"][start:start + n].tolist()
             sl = slice(pos, pos + n - 1)
             ref_k = TopK(z["top_ids"][sl], z["top_logp"][sl], z["tail"][sl], z["target"][sl])
-            klds.append(kld_top_k(ref_k, log_probs(all_logits(llm, ids)[:-1])))
+            klds.append(compare_logits(ref_k, all_logits(llm, ids)[:-1], np.asarray(ids[1:]))["kld"])
             start, pos = start + n, pos + n - 1
-    check_types(dst, plan)
-    size = os.path.getsize(dst)
-    os.remove(dst)
-    return float(np.mean(np.concatenate(klds))), size
+    return float(np.mean(np.concatenate(klds)))
 
 
 def check_types(path: str, plan) -> None:
@@ -219,40 +262,53 @@ def stock_q4_0_bytes(src: Path, work: Path, threads: int) -> int:
     return size
 
 
+def check_types_known(types: tuple[str, ...]) -> None:
+    """Every search.types entry is a GGML tensor type llama.cpp can quantize a weight to, before any work."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    weight_types = {t.name for t in GGML_QUANT_SIZES if t.name not in ("F32", "F64", "I8", "I16", "I32", "I64")}
+    for t in types:
+        if t.upper() not in weight_types or t.upper() not in GGMLQuantizationType.__members__:
+            raise StageError(f"search.types: {t!r} is not a GGML weight type; valid: "
+                             f"{', '.join(sorted(x.lower() for x in weight_types))}")
+
+
 def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, data: Path, mlflow=None
         ) -> tuple[dict, list[dict], dict]:
     """(recipe, candidate rows, metrics)."""
     from alpaca_lora_cpu.gguf_files import tensor_infos
     from alpaca_lora_cpu.native import call_in_child
-    from alpaca_lora_cpu.quantizer import Plan
 
     if not imatrix.is_file():
         raise StageError(f"{imatrix} not found: run the imatrix stage first")
+    check_types_known(params.types)
     threads = os.cpu_count() or 1
     started = time.time()
     infos = tensor_infos(src)
     groups, rest = build_groups(infos, params.types)
     # the file also holds metadata (the tokenizer's vocabulary, …) and alignment: count it against the budget
     rest += src.stat().st_size - sum(t.n_bytes for t in infos)
+    texts = calibration_texts(data, prompt.template, src)
     with tempfile.TemporaryDirectory(prefix="search-", dir=src.parent) as tmp:
         work = Path(tmp)
         budget = params.budget_mib * MIB if params.budget_mib else stock_q4_0_bytes(src, work, threads)
+        smallest = rest + sum(min(g.options.values()) for g in groups)
+        if smallest > budget:  # known before any candidate is measured
+            raise StageError(f"no assignment of search.types fits {budget / MIB:.1f} MiB (the smallest needs "
+                             f"{smallest / MIB:.1f} MiB): raise search.budget_mib or add smaller search.types")
         ref = str(work / "reference.npz")
-        tokens = call_in_child(_reference, str(src), calibration_texts(data, prompt.template, src),
-                               params.calibration_tokens, params.top_k, ref, threads, file=src,
-                               action="scoring the reference")
+        tokens = call_in_child(_reference, str(src), texts, params.calibration_tokens, params.top_k, ref, threads,
+                               file=src, action="scoring the reference")
         log.info("budget %.1f MiB; %d calibration tokens; groups: %s", budget / MIB, tokens,
                  ", ".join(f"{g.name} ({'/'.join(t.lower() for t in g.options)})" for g in groups))
+        per_type = {t: ({} if t == TOP else {g.name: t for g in groups if t in g.options})
+                    for t in dict.fromkeys(t for g in groups for t in g.options)}
+        files = call_in_child(_quantize_types, str(src), str(imatrix), str(work), per_type, threads, file=src,
+                              action="quantizing the search's types")
         rows: list[dict] = []
 
         def measure(assignments: list[dict[str, str]], phase: str) -> list[tuple[float, int]]:
-            plans = []
-            for i, assignment in enumerate(assignments):
-                recipe = recipe_of(assignment)
-                plans.append(Plan(f"{phase}-{i}", "q8_0", True, recipe["token_embedding"].upper(),
-                                  recipe["output"].upper(),
-                                  tuple((k, v.upper()) for k, v in recipe["overrides"].items()), recipe=True))
-            results = call_in_child(_measure_all, str(src), str(work / "candidate.gguf"), plans, str(imatrix), ref,
+            results = call_in_child(_score_all, files, groups, assignments, str(work / "candidate.gguf"), ref,
                                     threads, f"search {phase}", file=src, action=f"measuring search {phase} candidates")
             for assignment, (kld, size) in zip(assignments, results, strict=True):
                 rows.append({"phase": phase, **{g.name: assignment.get(g.name, TOP).lower() for g in groups},
@@ -269,17 +325,15 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
         for (gname, ttype), (kld, _) in zip(jobs, results[1:], strict=True):
             cost[gname, ttype] = max(kld - base_kld, 0.0)
         solutions = knapsack(groups, cost, budget - rest, params.verify)
-        if not solutions:
-            raise StageError(f"no assignment of search.types fits {budget / MIB:.1f} MiB (the smallest needs "
-                             f"{(rest + sum(min(g.options.values()) for g in groups)) / MIB:.1f} MiB)")
         checked = measure([a for _, a in solutions], "verify")
         verified = [(kld, size, predicted, a) for (kld, size), (predicted, a) in zip(checked, solutions, strict=True)]
     fitting = [v for v in verified if v[1] <= budget] or sorted(verified, key=lambda v: v[1])[:1]
     kld, size, predicted, best = min(fitting, key=lambda v: v[0])
     recipe = recipe_of(best)
     metrics = {"budget_mib": budget / MIB, "calibration_tokens": tokens, "candidates": len(rows),
-               "baseline_kld": base_kld, "winner_kld": kld, "winner_predicted_kld": base_kld + predicted,
-               "winner_mib": size / MIB, "winner_fits_budget": int(size <= budget), "seconds": time.time() - started}
+               "quantized_types": len(per_type), "baseline_kld": base_kld, "winner_kld": kld,
+               "winner_predicted_kld": base_kld + predicted, "winner_mib": size / MIB,
+               "winner_fits_budget": int(size <= budget), "seconds": time.time() - started}
     log.info("winner: %s — %.1f MiB, calibration KLD %.4f", ", ".join(f"{g}={t.lower()}" for g, t in best.items()),
              size / MIB, kld)
     return recipe, rows, metrics
@@ -287,13 +341,16 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
 
 # The flat numbers (search.json); the whole record goes to search.details.json.
 METRICS = ["winner_kld", "winner_mib", "winner_predicted_kld", "winner_fits_budget", "baseline_kld", "budget_mib",
-           "candidates", "calibration_tokens", "seconds"]
+           "candidates", "quantized_types", "calibration_tokens", "seconds"]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(make_parser(__doc__, "src", "imatrix", "data", "out", "candidates", "metrics"), argv)
     config = load_params(args.params)
     ensure_writable(args.out, args.candidates, args.metrics)
+    from alpaca_lora_cpu.cost import check_mapped
+
+    check_mapped("search", args.src, "convert.outtype (q8_0: a smaller reference)")
     from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
     with stage_run("search", {"search": as_dict(config.search), "prompt": as_dict(config.prompt)}) as mlflow:

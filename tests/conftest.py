@@ -93,3 +93,34 @@ def tiny_merged(tmp_path_factory, tiny_model_dir, tiny_adapter) -> tuple[Path, d
 def tiny_gguf_quants(tiny_gguf) -> dict[str, Path]:
     """q8_0 and q4_0 of `tiny_gguf` (k-quants need rows of 256; the tiny model's are 64 wide)."""
     return {q: quantize_gguf(tiny_gguf, tiny_gguf.with_name(f"finetuned-{q}.gguf"), q) for q in ("q8_0", "q4_0")}
+
+
+@pytest.fixture(scope="session")
+def wide_model(tmp_path_factory, builtin_tokenizer_dir):
+    """(HF folder, f16 GGUF, imatrix file) of a random 2-layer LLaMA with 256-wide rows, so k- and i-quants
+    apply without falling back to 32-blocks."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from stages.convert import convert_hf
+
+    tok = AutoTokenizer.from_pretrained(builtin_tokenizer_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         tie_word_embeddings=True))
+    out = tmp_path_factory.mktemp("wide")
+    model.save_pretrained(out / "hf", safe_serialization=True)
+    tok.save_pretrained(out / "hf")
+    convert_hf(out / "hf", out / "wide-f16.gguf", "f16")
+    texts = ["Give three tips for staying healthy.", "Translate 'good morning' into French: Bonjour."] * 4
+    from transformers import AutoConfig
+
+    from alpaca_lora_cpu.imatrix import Imatrix, collect, write
+    from alpaca_lora_cpu.shards import Weights
+
+    sums, counts = collect(AutoConfig.from_pretrained(out / "hf"), Weights(out / "hf").get,
+                           [tok(t)["input_ids"] for t in texts])
+    write(out / "imatrix.gguf", Imatrix(sums, counts, ["tests"], len(texts), 16))
+    return out / "hf", out / "wide-f16.gguf", out / "imatrix.gguf"

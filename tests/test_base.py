@@ -68,7 +68,8 @@ def test_local_folder_round_trip(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
     out = tmp_path / "base"
-    metrics = run(BaseParams(model=str(tiny_model_dir), dtype="float32", trust_remote_code=False), out)
+    params = BaseParams(model=str(tiny_model_dir), dtype="float32", max_shard_size="1GB", trust_remote_code=False)
+    metrics = run(params, out)
     assert metrics["architecture"] == "llama" and metrics["source_kind"] == "dir"
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     assert (out / "generation_config.json").is_file()

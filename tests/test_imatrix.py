@@ -10,13 +10,25 @@ from alpaca_lora_cpu.imatrix import COUNTS, SUM2, Imatrix, collect, gguf_name, r
 
 
 @pytest.fixture(scope="module")
-def tiny_random_llama():
+def tiny_random_llama(tmp_path_factory):
+    """(model, its saved folder): collect reads the folder one layer at a time, the test recomputes from the model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def collect_from(folder, seqs):
+    from transformers import AutoConfig
+
+    from alpaca_lora_cpu.shards import Weights
+
+    return collect(AutoConfig.from_pretrained(folder), Weights(folder).get, seqs)
 
 
 def test_names_are_the_converters():
@@ -27,8 +39,8 @@ def test_names_are_the_converters():
 def test_sums_are_squared_matmul_inputs_over_every_token(tiny_random_llama):
     import torch
 
-    model, seqs = tiny_random_llama, [[1, 2, 3, 4, 5], [6, 7, 8]]
-    sums, counts = collect(model, seqs)
+    (model, folder), seqs = tiny_random_llama, [[1, 2, 3, 4, 5], [6, 7, 8]]
+    sums, counts = collect_from(folder, seqs)
     assert len(sums) == 2 * 7 and set(counts.values()) == {8}  # q k v o gate up down per layer, 5 + 3 tokens
     with torch.no_grad():  # q_proj of layer 0 reads the normed embeddings: recompute them independently
         expected = sum((model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor([s]))) ** 2)
@@ -41,7 +53,7 @@ def test_sums_are_squared_matmul_inputs_over_every_token(tiny_random_llama):
 def test_gguf_file_has_llamacpp_layout_and_round_trips(tmp_path, tiny_random_llama):
     import gguf
 
-    sums, counts = collect(tiny_random_llama, [[1, 2, 3]])
+    sums, counts = collect_from(tiny_random_llama[1], [[1, 2, 3]])
     write(tmp_path / "im.gguf", Imatrix(sums, counts, ["train"], 1, 3))
     reader = gguf.GGUFReader(str(tmp_path / "im.gguf"))
     assert reader.fields["general.type"].contents() == "imatrix"
@@ -75,31 +87,6 @@ def test_a_model_gguf_is_not_an_imatrix(tmp_path):
 
 
 # ---------------------------------------------------------------- with llama.cpp's quantizer (slow)
-
-
-@pytest.fixture(scope="module")
-def wide_model(tmp_path_factory, builtin_tokenizer_dir):
-    """(HF folder, f16 GGUF, imatrix file) of a random 2-layer LLaMA with 256-wide rows, so k- and i-quants
-    apply without falling back to 32-blocks."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from stages.convert import convert_hf
-
-    tok = AutoTokenizer.from_pretrained(builtin_tokenizer_dir)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                         tie_word_embeddings=True))
-    out = tmp_path_factory.mktemp("wide")
-    model.save_pretrained(out / "hf", safe_serialization=True)
-    tok.save_pretrained(out / "hf")
-    convert_hf(out / "hf", out / "wide-f16.gguf", "f16")
-    texts = ["Give three tips for staying healthy.", "Translate 'good morning' into French: Bonjour."] * 4
-    sums, counts = collect(model.eval(), [tok(t)["input_ids"] for t in texts])
-    write(out / "imatrix.gguf", Imatrix(sums, counts, ["tests"], len(texts), 16))
-    return out / "hf", out / "wide-f16.gguf", out / "imatrix.gguf"
 
 
 @pytest.mark.slow

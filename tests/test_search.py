@@ -45,3 +45,31 @@ def test_knapsack_finds_the_small_assignments_when_the_free_ones_do_not_fit():
     cost = {(f"g{i}", t): (0.0 if t == "Q8_0" else 0.1 * (i + 1)) for i in range(6) for t in ("Q8_0", "Q4_0")}
     (best,) = knapsack(groups, cost, 28 * MIB, top_n=1)
     assert best[1] == {"g0": "Q4_0", "g1": "Q4_0", "g2": "Q4_0", "g3": "Q4_0", "g4": "Q4_0", "g5": "Q8_0"}
+
+
+@pytest.mark.slow
+def test_a_candidate_assembled_from_per_type_files_is_the_direct_quantization_byte_for_byte(tmp_path, wide_model):
+    """The search quantizes once per type and assembles candidates from those files' tensors: the file must be
+    what llama.cpp writes when it quantizes that recipe itself, or the search would score something quantize@searched
+    does not build."""
+    import re
+
+    from alpaca_lora_cpu.files import sha256_file
+    from alpaca_lora_cpu.gguf_files import assemble, tensor_infos
+    from alpaca_lora_cpu.quantizer import quantize_here
+    from stages.search import plan_of
+
+    _, src, imatrix = wide_model
+    groups, _ = build_groups(tensor_infos(src), ("q4_k", "iq4_nl", "q5_0", "q8_0"))
+    files = {}
+    for ttype in ("Q8_0", "Q4_K", "IQ4_NL"):
+        assignment = {} if ttype == "Q8_0" else {g.name: ttype for g in groups if ttype in g.options}
+        files[ttype] = tmp_path / f"type-{ttype}.gguf"
+        assert quantize_here(str(src), str(files[ttype]), plan_of(ttype, assignment), 2, str(imatrix))[0] == 0
+    mixed = {"ffn_down": "Q4_K", "attn_v": "IQ4_NL", "token_embd": "Q4_K"}
+    sources = {t.name: files[ttype] for g, ttype in mixed.items() for t in tensor_infos(files["Q8_0"])
+               if re.search(GROUPS[g], t.name)}
+    assemble(files["Q8_0"], sources, tmp_path / "assembled.gguf")
+    assert quantize_here(str(src), str(tmp_path / "direct.gguf"), plan_of("direct", mixed), 2, str(imatrix))[0] == 0
+    assert sha256_file(tmp_path / "assembled.gguf") == sha256_file(tmp_path / "direct.gguf")
+    assert {t.type for t in tensor_infos(tmp_path / "assembled.gguf") if "ffn_down" in t.name} == {"Q4_K"}

@@ -6,35 +6,19 @@ Run (make bench-infer QUANT=q4_0):
 Generating one token reads (about) every weight once, so generation speed is bounded by
 memory bandwidth ÷ bytes read per token. Bytes per token = the GGUF's tensor data (its file size less the
 metadata; the token-embedding lookup reads one row, but with tied embeddings the output layer reads the whole
-matrix anyway). Bandwidth = the best of several passes summing a 512 MiB array, split over the same threads
-(numpy releases the GIL), i.e. a read-only stream like a weight scan. Prints measured tok/s, the bound and
-their ratio. Small models can partly sit in the CPU caches, so ratios above 1 are possible.
+matrix anyway). Bandwidth = the best of several passes summing a 2 GiB array, split over the same threads
+(numpy releases the GIL), i.e. a read-only stream like a weight scan (alpaca_lora_cpu/machine.py). Prints
+measured tok/s, the bound and their ratio. Small models can partly sit in the CPU caches, so ratios above 1 are
+possible.
 """
 from __future__ import annotations
 
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import load_params
 from alpaca_lora_cpu.errors import StageError
 from tools.bench_doc import DOC_TITLE, machine_stamp, replace_section
-
-
-def memory_bandwidth(threads: int, mib: int = 512, passes: int = 5) -> float:
-    """Read bandwidth in bytes/s: best of `passes` parallel sums over a `mib` MiB float64 array."""
-    data = np.ones(mib * (1 << 20) // 8)
-    chunks = np.array_split(data, threads)
-    times = []
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(passes + 1):
-            start = time.perf_counter()
-            list(pool.map(np.sum, chunks))
-            times.append(time.perf_counter() - start)
-    return data.nbytes / min(times[1:])  # the first pass warms caches and page tables; not counted
 
 
 def tensor_bytes(path: Path) -> int:
@@ -56,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     s = params.speed
     speed = bench(args.gguf, threads=params.threads, prompt_tokens=s.prompt_tokens, gen_tokens=s.gen_tokens,
                   runs=s.runs)
-    bw = memory_bandwidth(params.threads)
+    from alpaca_lora_cpu.machine import bandwidth
+
+    bw = bandwidth(params.threads)
     per_token = tensor_bytes(args.gguf)
     bound = bw / per_token
     rows = [("model", args.gguf.name), ("threads", str(params.threads)),

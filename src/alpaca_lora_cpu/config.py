@@ -34,6 +34,12 @@ def check_min(section: str, params: object, minimum: float, *keys: str) -> None:
             raise ValueError(f"{section}.{key} must be >= {minimum}, got {value}")
 
 
+def check_size(key: str, text: str) -> None:
+    """A shard size transformers reads (200MB, 2GB, 512MiB), ValueError naming the key otherwise."""
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMG]i?B|B)\s*", text, re.IGNORECASE):
+        raise ValueError(f"{key} must be a size such as 200MB, 2GB or 512MiB, got {text!r}")
+
+
 def check_gate_sizes(section: str, gate_prompts: int, gate_max_tokens: int) -> None:
     """Range checks shared by the `export` and `convert` params (ValueError naming the full key)."""
     if gate_prompts < 1:
@@ -48,7 +54,11 @@ def check_gate_sizes(section: str, gate_prompts: int, gate_max_tokens: int) -> N
 class BaseParams:
     model: str
     dtype: Literal["float32", "bfloat16", "float16"]
+    max_shard_size: str    # safetensors shard size of models/base/ (e.g. 1GB)
     trust_remote_code: bool
+
+    def __post_init__(self) -> None:
+        check_size("base.max_shard_size", self.max_shard_size)
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,7 @@ class ExportParams:
 
     def __post_init__(self) -> None:
         check_gate_sizes("export", self.gate_prompts, self.gate_max_tokens)
+        check_size("export.max_shard_size", self.max_shard_size)
         if not self.max_logit_diff > 0:
             raise ValueError(f"export.max_logit_diff must be > 0, got {self.max_logit_diff}")
 
@@ -248,6 +259,8 @@ class ReferenceParams:
     top_k: int                   # reference log-probs kept per position, plus the exact mass of the rest
     generate_records: int | None  # validation prompts every variant answers (ROUGE-L); null = all scored
     showcase_prompts: tuple[str, ...]  # fixed instructions answered by every variant, shown in the report
+    max_scored_ptokens: float     # records scored stop where parameters × their tokens reach this
+    max_generated_ptokens: float  # answers stop where parameters × answers × evaluate.max_new_tokens reach this
 
     def __post_init__(self) -> None:
         for key in ("max_records", "generate_records"):
@@ -255,6 +268,7 @@ class ReferenceParams:
             if value is not None and value < 1:
                 raise ValueError(f"reference.{key} must be >= 1 or null, got {value}")
         check_min("reference", self, 1, "max_response_tokens", "top_k")
+        check_min("reference", self, 1e6, "max_scored_ptokens", "max_generated_ptokens")
         if not self.showcase_prompts:
             raise ValueError("reference.showcase_prompts must list at least one prompt")
 

@@ -2,8 +2,9 @@
 
 What llama.cpp's quantizer weighs each weight column by: for every 2-D weight a matmul reads, the mean over
 calibration tokens of the squared input activation of each input column. llama-imatrix collects it from ggml's
-matmuls; here forward hooks on the decoder's nn.Linear modules collect the same sums from the HF checkpoint
-(the weights the GGUF was converted from), so no llama.cpp binary is needed.
+matmuls; here hooks on the decoder's nn.Linear inputs collect the same sums from the HF checkpoint (the weights the
+GGUF was converted from) in a forward that loads one decoder layer at a time (alpaca_lora_cpu/layerwise.py), so
+no llama.cpp binary is needed and memory stays at one layer plus the calibration tokens' hidden states.
 
 File layout (llama.cpp tools/imatrix, read by llama-quantize --imatrix and common's imatrix loader):
   general.type = "imatrix"; imatrix.datasets (string array); imatrix.chunk_count, imatrix.chunk_size (u32)
@@ -14,7 +15,7 @@ The quantizer's value for a column is in_sum2 / counts.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,36 +50,25 @@ def gguf_name(hf_module: str, n_layers: int) -> str:
     return name
 
 
-def collect(model: Any, sequences: Iterable[list[int]], progress: Callable[[int], None] | None = None
-            ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Σ x² and token counts of the input of every nn.Linear inside the decoder layers, over `sequences`
-    (one forward pass each). The LM head is left out, as llama-imatrix does without --process-output."""
-    import torch
+def collect(config: Any, get: Callable[[str], Any], sequences: list[list[int]],
+            progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Σ x² and token counts of the input of every nn.Linear inside the decoder layers, over `sequences`, from the
+    checkpoint `get` reads (layerwise.forward). The LM head is left out, as llama-imatrix does without
+    --process-output."""
+    from alpaca_lora_cpu.layerwise import forward
 
-    n_layers = model.config.num_hidden_layers
-    sums: dict[str, torch.Tensor] = {}
+    n_layers = config.num_hidden_layers
+    sums: dict[str, Any] = {}
     counts: dict[str, int] = {}
 
-    def hook(name: str):
-        def record(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] = sums[name] + (x * x).sum(0) if name in sums else (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return record
+    def record(module: str, x: Any) -> None:
+        name = gguf_name(module, n_layers)
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        sums[name] = sums[name] + (x * x).sum(0) if name in sums else (x * x).sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
-    handles = [module.register_forward_hook(hook(gguf_name(name, n_layers)))
-               for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and ".layers." in name]
-    try:
-        with torch.no_grad():
-            for ids in sequences:
-                model(input_ids=torch.tensor([ids]))
-                if progress:
-                    progress(len(ids))
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: s.cpu().numpy() for n, s in sums.items()}, counts
+    forward(config, get, sequences, on_input=record, logits=False, progress=progress)
+    return {n: s.numpy() for n, s in sums.items()}, counts
 
 
 def write(path: str | os.PathLike, imatrix: Imatrix) -> None:

@@ -51,11 +51,13 @@ def captured_stderr() -> Iterator[list[str]]:
 
 @contextlib.contextmanager
 def open_llama(path: str | os.PathLike, *, n_ctx: int, threads: int, logits_all: bool = False,
-               n_batch: int = 512, seed: int = 0) -> Iterator[Any]:
+               n_batch: int = 512, seed: int = 0, in_child: bool = False) -> Iterator[Any]:
     """A `llama_cpp.Llama` on a validated GGUF (CPU, quiet, `threads` for both batch and single-token work),
-    tried in a child first, closed on exit (no noisy __del__ at interpreter exit)."""
+    tried in a child first (unless this already is one: `in_child`, where the parent catches a crash), closed on
+    exit (no noisy __del__ at interpreter exit)."""
     check_gguf(path)
-    preflight(path)
+    if not in_child:
+        preflight(path)
     import llama_cpp
 
     llm, error = None, None
@@ -97,10 +99,15 @@ def all_logits(llm: Any, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
+def response_logits(llm: Any, ids: list[int], n_prompt: int) -> np.ndarray:
+    """Logits (rows = response positions) of each position that predicts a response token; row j predicts
+    ids[n_prompt + j]. Needs `logits_all=True`."""
+    return all_logits(llm, ids)[n_prompt - 1:len(ids) - 1]
+
+
 def response_log_probs(llm: Any, ids: list[int], n_prompt: int) -> np.ndarray:
-    """Log-probs (float64, rows = response positions) of the next-token distribution at each position that
-    predicts a response token; row j predicts ids[n_prompt + j]. Needs `logits_all=True`."""
-    return log_probs(all_logits(llm, ids)[n_prompt - 1:len(ids) - 1])
+    """`response_logits` as log-probs (float64)."""
+    return log_probs(response_logits(llm, ids, n_prompt))
 
 
 def eos_text(llm: Any) -> str:

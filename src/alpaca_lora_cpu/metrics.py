@@ -105,6 +105,26 @@ def compare(ref: TopK, q_logp: np.ndarray, targets: np.ndarray) -> dict:
     }
 
 
+def compare_logits(ref: TopK, logits: np.ndarray, targets: np.ndarray, chunk: int = 128) -> dict:
+    """`compare` from raw logits, a few rows at a time in float64: the same numbers without ever holding a
+    full-vocabulary log-prob array (the variant's tail mass is 1 - its top-k mass, which is exact once the row is
+    normalised). What evaluate and search score every candidate with."""
+    parts: dict[str, list[np.ndarray]] = {"kld": [], "same_top1": [], "delta_p": [], "target_logp": []}
+    for s in range(0, len(logits), chunk):
+        x = np.asarray(logits[s:s + chunk], dtype=np.float64)
+        lse = logsumexp(x, axis=1)
+        top = np.take_along_axis(x, ref.ids[s:s + chunk].astype(np.int64), axis=1) - lse[:, None]
+        tail = np.log(np.clip(-np.expm1(logsumexp(top, axis=1)), _TINY, None))
+        kld = (_bucket_term(ref.logp[s:s + chunk].astype(np.float64), top).sum(axis=1)
+               + _bucket_term(ref.tail_logp[s:s + chunk], tail))
+        q_target = x[np.arange(len(x)), targets[s:s + chunk]] - lse
+        parts["kld"].append(np.maximum(kld, 0.0))
+        parts["same_top1"].append(np.argmax(x, axis=1) == ref.ids[s:s + chunk, 0])
+        parts["delta_p"].append(np.exp(q_target) - np.exp(ref.target_logp[s:s + chunk]))
+        parts["target_logp"].append(q_target)
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+
+
 def summarize(per_position: dict[str, np.ndarray]) -> dict:
     """The llama-perplexity --kl-divergence statistics over all scored positions."""
     kld = per_position["kld"]

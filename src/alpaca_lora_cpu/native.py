@@ -128,13 +128,33 @@ def _try_model(path: str) -> int:
         llm.close()
 
 
+def _passed_marker(path: str, mtime_ns: int, size: int) -> Path:
+    """Where a passed preflight of this file version under this llama.cpp build is remembered across processes
+    (<venv>/preflight/), so each stage does not spawn the same child again for a file an earlier stage tried."""
+    import hashlib
+    import sys
+
+    build = Path(sys.prefix) / "llama-build.json"
+    stamp = build.read_text() if build.is_file() else ""
+    key = hashlib.sha256(f"{Path(path).resolve()}\0{mtime_ns}\0{size}\0{stamp}".encode()).hexdigest()[:32]
+    return Path(sys.prefix) / "preflight" / key
+
+
 @functools.lru_cache(maxsize=64)
 def _preflight(path: str, mtime_ns: int, size: int) -> None:
+    marker = _passed_marker(path, mtime_ns, size)
+    if marker.is_file() and not os.environ.get(FAULT_ENV):
+        return
     call_in_child(_try_model, path, file=path, action="loading and evaluating")
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{path}\n")
+    except OSError:
+        pass  # a read-only venv: try again next time
 
 
 def preflight(path: str | os.PathLike) -> None:
-    """Try `path` in llama.cpp in a child first (once per file version in this process): a build that faults
+    """Try `path` in llama.cpp in a child first (once per file version and llama.cpp build): a build that faults
     on this CPU or a file that crashes llama.cpp is a one-line `NativeCrash` here, not a dead stage."""
     st = Path(path).stat()
     _preflight(str(path), st.st_mtime_ns, st.st_size)

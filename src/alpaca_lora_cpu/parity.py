@@ -56,18 +56,6 @@ def hf_token_ids(tokenizer: Any, texts: list[str], max_tokens: int) -> list[list
     return [tokenizer(t)["input_ids"][:max_tokens] for t in texts]
 
 
-def hf_logits(model: Any, ids: list[list[int]]) -> list[np.ndarray]:
-    """fp32 logits for every position of each sequence (one at a time: no padding to get wrong)."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for seq in ids:
-            logits = model(torch.tensor([seq])).logits[0]
-            out.append(logits.float().numpy())
-    return out
-
-
 def compare(ref: list[np.ndarray], got: list[np.ndarray], ids: list[list[int]]) -> dict:
     """max |Δlogit|, top-1 agreement over all positions, and mean |Δ log-prob| of the actual next tokens."""
     max_diff, agree, positions, dlp = 0.0, 0, 0, []

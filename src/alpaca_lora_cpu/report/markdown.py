@@ -120,8 +120,9 @@ def render(inputs: Inputs, rows: list[dict], goals: list[dict], figures: dict[st
         "## Targets", "",
         *[f"- {MARKS[g['met']]}: {g['target']} — {g['numbers']}" for g in goals], "",
         "## Variants", "", table(rows), "",
-        f"transformers fp32 `generate` on models/merged ({hf['threads']} threads): prompt "
-        f"{hf['prompt_tps']:.0f} tok/s, generation {hf['gen_tps']:.1f} tok/s, load {hf['load_s']:.2f} s.", "",
+        (f"transformers fp32 `generate` on models/merged ({hf['threads']} threads): prompt "
+         f"{hf['prompt_tps']:.0f} tok/s, generation {hf['gen_tps']:.1f} tok/s, load {hf['load_s']:.2f} s."
+         if "skipped" not in hf else f"transformers fp32 speed not measured: {hf['skipped']}."), "",
         READING, "",
         *(["## Quantization: importance matrix, i-quants, recipes", "", quantization, ""] if quantization else []),
         "## Plots", "",

@@ -58,7 +58,9 @@ def speed(rows: list[dict], hf: dict, path: Path) -> None:
     ax.scatter([r["size_mb"] for r in rows], [r["gen_tps"] for r in rows], color="tab:green")
     for r in rows:
         ax.annotate(r["variant"], (r["size_mb"], r["gen_tps"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(hf["gen_tps"], color="tab:red", ls="--", lw=1, label=f"transformers fp32 ({hf['gen_tps']:.1f} tok/s)")
+    if "gen_tps" in hf:  # skipped where the fp32 model does not fit
+        ax.axhline(hf["gen_tps"], color="tab:red", ls="--", lw=1,
+                   label=f"transformers fp32 ({hf['gen_tps']:.1f} tok/s)")
     ax.set_xlabel("GGUF size (MB)")
     ax.set_ylabel(f"generation tok/s ({hf['threads']} threads)")
     ax.set_title("Generation speed against size (llama-cpp-python)")

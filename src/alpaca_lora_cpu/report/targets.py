@@ -41,13 +41,14 @@ def level_targets(v: Records, goal: ReportParams, hf: Mapping) -> list[dict]:
                           f"{100 * top1:.2f}%"))
     else:
         out.append(target("q8_0 KLD / top-1", None, "q8_0 not evaluated"))
-    if "q4_0" in v:
+    if "q4_0" in v and "gen_tps" in hf:
         q4 = v["q4_0"]["speed"]["gen_tps"]
         ratio = q4 / hf["gen_tps"]
         out.append(target(f"q4_0 generates ≥ {goal.q4_min_speedup:g}× faster than transformers fp32",
                           ratio >= goal.q4_min_speedup, f"{q4:.1f} vs {hf['gen_tps']:.1f} tok/s = {ratio:.2f}×"))
     else:
-        out.append(target("q4_0 speed-up over transformers fp32", None, "q4_0 not evaluated"))
+        out.append(target("q4_0 speed-up over transformers fp32", None,
+                          f"transformers fp32 skipped: {hf['skipped']}" if "skipped" in hf else "q4_0 not evaluated"))
     return out
 
 

@@ -1,0 +1,129 @@
+"""A LLaMA forward one decoder layer at a time: the logit gates (merge, consolidate, convert) and the importance
+matrix never hold the whole model, only one layer's weights (in fp32) and every sequence's hidden states.
+
+    logits = forward(config, weights.get, sequences)             # list of (len, vocab) fp32 arrays
+    logits = forward(config, weights.get, sequences, lora=adapter)   # base + adapter, unmerged (PEFT's forward)
+    forward(config, weights.get, sequences, on_input=record, logits=False)  # hooks on every decoder linear's input
+
+`get(name)` returns the fp32 tensor of an HF LLaMA parameter name (`model.layers.3.mlp.up_proj.weight`), from
+safetensors shards (shards.Weights) or any other layout (the consolidate gate reads Meta's file through it). Each
+layer is transformers' own LlamaDecoderLayer with its rotary embedding and causal mask, run on one sequence at a
+time as the whole model would (tests/test_layerwise.py: the same logits as `LlamaForCausalLM`). Peak memory: one
+layer, the embedding matrix, and the hidden states (sequences × tokens × hidden × 4 bytes).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from alpaca_lora_cpu.memory import steady_heap, trim
+
+Getter = Callable[[str], Any]  # HF parameter name → fp32 tensor
+
+
+@dataclass
+class Lora:
+    """A LoRA adapter applied unmerged: module name (`model.layers.0.self_attn.q_proj`) → (A, B, scale)."""
+    modules: dict[str, tuple[Any, Any, float]] = field(default_factory=dict)
+
+
+def _lora_linear(base: Any, a: Any, b: Any, scale: float) -> Any:
+    """y = x Wᵀ + scale · (x Aᵀ) Bᵀ around the base linear: PEFT's LoRA forward in eval mode (no dropout)."""
+    import torch
+    import torch.nn.functional as F
+
+    class LoraLinear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x) + F.linear(F.linear(x, a), b) * scale
+
+    return LoraLinear()
+
+
+def _config(config: Any) -> Any:
+    config = config.__class__.from_dict(config.to_dict())
+    config._attn_implementation = "sdpa"  # what from_pretrained picks on CPU: the same attention kernel
+    return config
+
+
+def build_layer(config: Any, i: int, get: Getter, lora: Lora | None = None) -> Any:
+    """Decoder layer `i` in fp32 with its weights from `get` (and the adapter's modules wrapped around them)."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(config, i)
+    prefix = f"model.layers.{i}."
+    state = {name: get(prefix + name).float() for name, _ in layer.named_parameters()}
+    layer = layer.to_empty(device="cpu")
+    layer.load_state_dict(state, strict=True)
+    for name, module in list(layer.named_modules()):
+        if lora is not None and prefix + name in lora.modules:
+            a, b, scale = lora.modules[prefix + name]
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, child,
+                    _lora_linear(module, a.float(), b.float(), scale))
+    return layer.eval()
+
+
+def forward(config: Any, get: Getter, sequences: list[list[int]], lora: Lora | None = None,
+            on_input: Callable[[str, Any], None] | None = None, logits: bool = True,
+            progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Per sequence, fp32 logits for every position (row i predicts token i+1), computed layer by layer.
+    `on_input(module name, input)` sees the input of every nn.Linear inside the decoder layers (the imatrix's
+    statistics); `logits=False` stops after the last layer (and returns []). `progress(i)` after each layer."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+
+    config = _config(config)
+    steady_heap()
+    with torch.no_grad():
+        embed = get("model.embed_tokens.weight").float()
+        hidden = [embed[torch.tensor([ids])] for ids in sequences]
+        rotary = LlamaRotaryEmbedding(config)
+        positions = [torch.arange(len(ids)).unsqueeze(0) for ids in sequences]
+        rope = [rotary(h, p) for h, p in zip(hidden, positions, strict=True)]
+        masks = [create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=p)
+                 for h, p in zip(hidden, positions, strict=True)]
+        tied = getattr(config, "tie_word_embeddings", False)
+        if not tied:
+            del embed
+        for i in range(config.num_hidden_layers):
+            layer = build_layer(config, i, get, lora)
+            handles = _hooks(layer, i, on_input) if on_input else []
+            try:
+                hidden = [layer(h, attention_mask=m, position_embeddings=r, position_ids=p)
+                          for h, m, r, p in zip(hidden, masks, rope, positions, strict=True)]
+            finally:
+                for handle in handles:
+                    handle.remove()
+            del layer
+            trim()
+            if progress:
+                progress(i)
+        if not logits:
+            return []
+        norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        norm.weight.data = get("model.norm.weight").float()
+        head = embed if tied else get("lm_head.weight").float()
+        return [F.linear(norm(h), head)[0].numpy() for h in hidden]
+
+
+def _hooks(layer: Any, i: int, on_input: Callable[[str, Any], None]) -> list:
+    import torch
+
+    def hook(name: str):
+        def record(_module, inputs, _output):
+            on_input(name, inputs[0])
+        return record
+
+    return [module.register_forward_hook(hook(f"model.layers.{i}.{name}"))
+            for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)]
