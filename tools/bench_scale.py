@@ -144,12 +144,13 @@ def bench_shape(shape: str, work: Path, params_file: Path, rates: dict, limit: i
 
 
 def doc_section(rows: list[dict], skipped: list[str], limit: int | None, shapes: list[str], argv: list[str],
-                doc: Path) -> str:
+                doc: Path, stamp: str | None = None) -> str:
     from tools.synthetic import SHAPES
 
     lim = f"a cgroup memory limit of {limit / 2**30:.0f} GiB (every stage finished under it)" if limit else \
         "no memory limit (this machine has no writable cgroup)"
-    lines = [f"## bench-scale: {machine_stamp(doc)}", "", f"`python -m tools.bench_scale {' '.join(argv)}`", "",
+    lines = [f"## bench-scale: {stamp or machine_stamp(doc)}", "",
+             f"`python -m tools.bench_scale {' '.join(argv)}`", "",
              f"Synthetic LLaMA checkpoints (random bf16 weights, SmolLM2's 49,152-token tokenizer, a rank-8 LoRA on "
              f"every linear), each stage run under {lim}. Peak = the largest anonymous memory of the stage's process "
              "tree (what it allocates); RSS also counts the pages of the model files it maps (llama.cpp's GGUF, "
@@ -170,8 +171,51 @@ def doc_section(rows: list[dict], skipped: list[str], limit: int | None, shapes:
         lines += ["", f"Total {sum(r['seconds'] for r in mine) / 60:.1f} min measured, "
                       f"{sum(r['predicted_seconds'] for r in mine) / 60:.1f} min predicted; largest peak "
                       f"{max(r['peak_anon'] for r in mine) / GB:.2f} GB.", ""]
-    lines += [f"Skipped (not enough free disk): {', '.join(skipped)}." if skipped else ""]
-    return "\n".join(lines)
+    if skipped:
+        lines += [f"Skipped (not enough free disk): {', '.join(skipped)}."]
+    return "\n".join(lines).rstrip()
+
+
+def predictions(shape: str, params_file: Path, rates: dict) -> dict:
+    """The plan's costs (stage → Cost) for a shape with the bench's params, without making the checkpoint."""
+    import tempfile
+
+    from alpaca_lora_cpu.cost import Shape, stage_costs
+    from alpaca_lora_cpu.cost import work as work_of
+    from tools.synthetic import SHAPES
+
+    d = SHAPES[shape]
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = _merge(yaml.safe_load(params_file.read_text()), OVERRIDES)
+        (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(doc))
+        params = load_params(Path(tmp) / "params.yaml")
+    shape_ = Shape(49152, d.hidden, d.layers, d.ffn, d.heads, d.kv_heads, d.tied, "bfloat16")
+    return {c.stage.replace("convert@finetuned", "convert"): c
+            for c in stage_costs(params, shape_, work_of(params, None, (64, 16)), rates)}
+
+
+def replan(args) -> None:
+    """Recompute the predicted columns of measured results (--json) and rewrite the doc's section, saying so."""
+    from alpaca_lora_cpu.machine import rates as measured
+    from alpaca_lora_cpu.tracking import git_commit
+
+    if not (args.json and args.json.is_file() and args.doc):
+        raise StageError("--replan needs --json (the measured results) and --doc")
+    saved = json.loads(args.json.read_text())
+    rows, stamp, limit = saved["rows"], saved["stamp"], saved.get("limit")
+    rates = measured(load_params(args.params).evaluate.threads)
+    plans = {shape: predictions(shape, Path(args.params), rates) for shape in {r["shape"] for r in rows}}
+    for r in rows:
+        c = plans[r["shape"]][r["stage"]]
+        r.update(predicted_seconds=c.seconds, predicted_peak=c.peak, predicted_mapped=c.mapped)
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    text = doc_section(rows, saved.get("skipped", []), limit, shapes, saved["argv"], args.doc, stamp)
+    commit = git_commit()
+    short = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+    note = (f"\n\nPredicted columns recomputed by commit {short}'s cost model (`--replan`); the measurements are "
+            "the stamp's.")
+    replace_section(args.doc, "bench-scale", text + note, title=DOC_TITLE)
+    args.json.write_text(json.dumps({**saved, "rows": rows}, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", default="16GiB", help="cgroup memory limit per stage (none: unlimited)")
     ap.add_argument("--doc", type=Path, help="write the results as a stamped section of this Markdown file")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--replan", action="store_true", help="no measuring: the plan's predictions for the results in "
+                    "--json, recomputed with this commit's cost model, into --doc (the measurements keep their stamp)")
     args = parse_args(ap, argv)
     load_params(args.params)
     from alpaca_lora_cpu.machine import rates as measured
@@ -188,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     from tools.measure import cgroup_available
     from tools.synthetic import SHAPES
 
+    if args.replan:
+        return replan(args)
     unknown = [s for s in args.shapes if s not in SHAPES]
     if unknown:
         raise StageError(f"--shapes: unknown shape {unknown[0]!r} (known: {', '.join(SHAPES)})")
@@ -204,12 +252,14 @@ def main(argv: list[str] | None = None) -> None:
             continue
         rows += bench_shape(shape, args.work, Path(args.params), rates, limit)
         shutil.rmtree(args.work / shape, ignore_errors=True)
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    given = list(argv if argv is not None else sys.argv[1:])
+    stamp = machine_stamp(args.doc)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "skipped": skipped, "limit": limit, "argv": given,
+                                         "stamp": stamp}, indent=1) + "\n")
     if args.doc:
-        replace_section(args.doc, "bench-scale", doc_section(rows, skipped, limit, args.shapes,
-                                                             list(argv if argv is not None else sys.argv[1:]),
-                                                             args.doc), title=DOC_TITLE)
+        replace_section(args.doc, "bench-scale", doc_section(rows, skipped, limit, args.shapes, given, args.doc,
+                                                             stamp), title=DOC_TITLE)
 
 
 if __name__ == "__main__":

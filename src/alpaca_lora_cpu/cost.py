@@ -27,11 +27,14 @@ CONVERTER = 0.3e9     # llama.cpp's converter process (python, torch, gguf) befo
 STARTUP = 6.0         # seconds every stage spends starting: python, imports, the MLflow run
 DISK = 0.8e9          # bytes/s a stage reads or writes checkpoints at (page cache helps; a cold disk is slower)
 # Efficiency of the measured peak rates in each kind of work (measured / peak; make bench-scale calibrates them).
-LAYERWISE = 0.45      # the layer-by-layer forward: one sequence at a time, weights loaded per layer
+LAYERWISE = 0.38      # the layer-by-layer forward: one sequence at a time, weights loaded per layer
 TRAINING = 0.30       # forward + backward of a LoRA fine-tune (small matrices, the optimizer, the data loader)
 LLAMA_PP = 0.8        # llama.cpp prompt processing of the real model, against the synthetic model's rate
 LLAMA_TG = 0.6        # llama.cpp generation: bytes of weights read per second, against the memory bandwidth
-QUANT_SLOW = {"iq": 4.0, "_k": 3.5}  # quantizing i-quants and k-quants takes longer than q4_0/q8_0
+QUANT_SLOW = {"iq": 4.0, "_k": 6.0}  # quantizing i-quants and k-quants takes longer than q4_0/q8_0
+QUANT_BUFFERS = 0.55  # bytes per parameter llama.cpp's quantizer holds (0.78 / 1.84 / 4.0 GB at 1B / 3B / 7B)
+# llama.cpp repacks q4_0/iq4_nl/q8_0 weights for its AVX kernels into memory of its own: a copy of the file
+REPACKED = ("q4_0", "q4_k_m", "iq4_nl", "q8_0", "q4_k")
 BYTES = {"float32": 4, "fp32": 4, "f32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "f16": 2, "q8_0": 1.0625}
 BPW = {"q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.7, "q5_0": 5.5, "q4_k_m": 4.9, "q4_0": 4.5, "iq4_nl": 4.5,
        "iq4_xs": 4.25, "q3_k_m": 3.9, "iq3_s": 3.44, "q2_k": 3.0, "iq2_xs": 2.4}  # roughly, for sizes only
@@ -203,8 +206,9 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
     widen = BYTES.get(p.base.dtype, 4) / BYTES.get(s.dtype, 4)
     largest = max(s.embed_params, s.hidden * s.ffn) * BYTES.get(p.base.dtype, 4)
     # one output shard pending, and the tensor being cast (read from the source one at a time)
-    out = [Cost("base", s.size(s.dtype) * (1 + widen) / DISK,
-                OVERHEAD + min(parse_size(p.base.max_shard_size), s.size(p.base.dtype)) + largest * (1 + 1 / widen),
+    # safetensors hands out memory-mapped tensors: only a cast to another dtype costs memory (one shard pending)
+    copies = min(parse_size(p.base.max_shard_size), s.size(p.base.dtype)) + largest if widen != 1 else 0.0
+    out = [Cost("base", s.size(s.dtype) * (1 + widen) / DISK, OVERHEAD + copies,
                 hint="base.max_shard_size, base.model (a smaller model)")]
     prec = "bf16_gflops" if p.finetune.precision in ("bf16", "auto") and r["bf16_gflops"] > 1.3 * r["fp32_gflops"] \
         else "fp32_gflops"
@@ -241,13 +245,15 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
     out.append(Cost("search", sum(_quantize_seconds(s, t, r) for t in types)
                     + candidates * (_pp_seconds(s, p.search.calibration_tokens, "q8_0", r) + s.size("q8_0") / DISK)
                     + _pp_seconds(s, p.search.calibration_tokens, "f16", r),
-                    LLAMA_OVERHEAD + 4 * 1024 * s.vocab + 12 * p.search.calibration_tokens * p.search.top_k,
-                    s.size(ref), hint="search.calibration_tokens, search.types, search.verify"))
+                    # quantizing each type, then scoring candidates (about q8_0-sized, repacked by llama.cpp)
+                    LLAMA_OVERHEAD + 4 * 1024 * s.vocab + 12 * p.search.calibration_tokens * p.search.top_k
+                    + max(QUANT_BUFFERS * s.params, s.size("q8_0")), max(s.size(ref), s.size("q8_0")),
+                    hint="search.calibration_tokens, search.types, search.verify"))
     variants = [t for t in p.quantize.types]
     for t in variants:
         kind = t.removesuffix("-imat") if t.removesuffix("-imat") in BPW else "q4_0"
-        out.append(Cost(f"quantize@{t}", _quantize_seconds(s, kind, r) + 2.0, LLAMA_OVERHEAD + 3 * 4 * s.embed_params,
-                        s.size(ref), hint=f"quantize.types (drop {t})"))
+        out.append(Cost(f"quantize@{t}", _quantize_seconds(s, kind, r) + 2.0,
+                        LLAMA_OVERHEAD + QUANT_BUFFERS * s.params, s.size(ref), hint=f"quantize.types (drop {t})"))
     hf = 4.2 * s.params
     out.append(Cost("reference", _pp_seconds(s, w.scored_tokens, "f16", r)
                     + (4 * 2 * s.params * 512 / (r["fp32_gflops"] * 1e9 * LAYERWISE) + 4 * 128 * hf / 4 /
@@ -262,7 +268,8 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
         tg = w.generated_tokens + (speed.runs + 1) * speed.gen_tokens
         out.append(Cost(f"evaluate@{name}", _pp_seconds(s, pp, kind if kind in ("q4_0", "q8_0", "f16") else "q4_0", r)
                         + _tg_seconds(s, tg, kind, r) + s.size(kind) / DISK,
-                        OVERHEAD + 4 * 2048 * s.vocab / 4 + 8 * w.scored_tokens * p.reference.top_k,
+                        OVERHEAD + LLAMA_OVERHEAD + 2048 * s.vocab + 8 * w.scored_tokens * p.reference.top_k
+                        + (s.size(kind) if kind in REPACKED else 0.0),
                         s.size(kind), hint="reference.generate_records, evaluate.max_new_tokens, quantize.types"))
     out.append(Cost("report", 10.0, OVERHEAD))
     return [replace(c, seconds=c.seconds + STARTUP) for c in out]
