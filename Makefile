@@ -14,7 +14,7 @@ MLFLOW_PORT ?= 5000
 # make screenshots serves the store on its own port, so a running `make mlflow-ui` is left alone
 SCREENSHOT_PORT ?= 5099
 
-.PHONY: help setup repro plan test test-fast lint plots screenshots results-table mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer report sweep
+.PHONY: help setup repro plan test test-fast lint plots screenshots results-table mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer bench-serve bench-scale fuzz report sweep
 
 # make generate / chat / serve / bench-infer: which GGUF (models/gguf/finetuned-$(QUANT).gguf; QUANT=reference is the unquantized reference)
 QUANT ?= q4_0
@@ -79,8 +79,8 @@ repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults, after 
 	@python -m tools.plan || echo "(no plan: see the error above; the stages check their own memory)"
 	PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro
 
-plan: $(STAMP) ## Each stage's predicted time and peak memory for the configured model on this machine (MODEL=… MEMORY=16GB)
-	python -m tools.plan $(if $(MODEL),--model $(MODEL)) $(if $(MEMORY),--memory $(MEMORY))
+plan: $(STAMP) ## Each stage's predicted time and peak memory for the configured model on this machine (MODEL=… MEMORY=16GB RATES=configs/rates/avx2-epyc-derived.json: another machine's)
+	python -m tools.plan $(if $(MODEL),--model $(MODEL)) $(if $(MEMORY),--memory $(MEMORY)) $(if $(RATES),--rates $(RATES))
 
 test: $(STAMP) ## Every test: what CI runs (the real model end to end, DVC pipelines, kill -9 recovery)
 	python -m pytest
@@ -92,6 +92,9 @@ lint: $(STAMP) ## ruff on the library, stages, tools and tests
 	ruff check src stages tools tests
 
 BENCH_SAMPLES ?= 16
+fuzz: $(STAMP) ## The generated bad-input suite with ten times the examples of make test (params past their limits, damaged files of every kind)
+	HYPOTHESIS_PROFILE=fuzz python -m pytest tests/test_fuzz.py -q
+
 verify-repro: $(STAMP) ## Reproducibility checks: no-op re-run, downstream-only reruns, same seed → same data and adapter, experiments in MLflow
 	python -m pytest -m repro
 
@@ -121,6 +124,16 @@ serve: $(STAMP) ## OpenAI-compatible server for models/gguf/finetuned-$(QUANT).g
 
 bench-infer: $(STAMP) ## Generation tok/s of models/gguf/finetuned-$(QUANT).gguf vs the memory-bandwidth bound, into docs/benchmarks.md
 	python -m tools.bench_infer --params params.yaml --gguf $(GGUF) --doc docs/benchmarks.md
+
+SERVE_REQUESTS ?= 50
+SERVE_CONCURRENCY ?= 4
+bench-serve: $(STAMP) ## Load test of make serve on 127.0.0.1 (SERVE_REQUESTS=50 from SERVE_CONCURRENCY=4 clients): latency p50/p95 and errors, into docs/benchmarks.md
+	python -m tools.bench_serve --gguf $(GGUF) --requests $(SERVE_REQUESTS) --concurrency $(SERVE_CONCURRENCY) --doc docs/benchmarks.md
+
+SCALE_SHAPES ?= 1b 3b 7b
+SCALE_LIMIT ?= 16GiB
+bench-scale: $(STAMP) ## base → evaluate on synthetic 1B/3B/LLaMA-7B-shape checkpoints under a cgroup memory limit, measured next to make plan, into docs/benchmarks.md (about 40 min; the 7B shape needs 60 GB of disk)
+	python -m tools.bench_scale --shapes $(SCALE_SHAPES) --limit $(SCALE_LIMIT) --work /tmp/bench-scale --doc docs/benchmarks.md --json reports/bench-scale.json
 
 report: $(STAMP) ## Re-run evaluate (every variant) and write reports/report.md with its plots
 	PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro report

@@ -66,13 +66,9 @@ def resolve(spec: str) -> Source:
 
 
 def gguf_architecture(path: str) -> str:
-    from gguf import GGUFReader
+    from alpaca_lora_cpu.gguf_files import gguf_field, open_gguf
 
-    try:
-        field = GGUFReader(path).fields["general.architecture"]
-    except (KeyError, ValueError, OSError) as exc:
-        raise StageError(f"base.model: {path} is not a readable GGUF file ({exc})") from exc
-    return bytes(field.parts[field.data[0]]).decode()
+    return str(gguf_field(open_gguf(path, "base.model:"), "general.architecture", path, "base.model:"))
 
 
 def _offline_kwargs(src: Source) -> dict:

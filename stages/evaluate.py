@@ -28,6 +28,7 @@ from alpaca_lora_cpu.config import EvaluateParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import read_json, read_jsonl, sha256_file, write_jsonl
 from alpaca_lora_cpu.metrics import repeats_ngram
+from alpaca_lora_cpu.openers import load_npz
 from alpaca_lora_cpu.prompts import cut_at_stop, leaks_template, stop_sequences
 from alpaca_lora_cpu.variants import FINETUNED, parse
 
@@ -47,9 +48,8 @@ def load_reference(ref_dir: Path) -> Reference:
     if missing:
         raise StageError(f"reference {missing[0]} not found (run the reference stage)")
     meta = read_json(files[0], "reference")
-    with np.load(files[1]) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    prompts = read_jsonl(files[2], "reference prompts")
+    arrays = load_npz(files[1], what="reference", hint="rerun the reference stage")
+    prompts = read_jsonl(files[2], "reference prompts", "rerun the reference stage", records=True)
     return Reference(meta, arrays, prompts)
 
 

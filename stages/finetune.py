@@ -29,7 +29,6 @@ from typing import Any
 from alpaca_lora_cpu.checkpoints import FINGERPRINT, check_adapter, find_resume, fingerprint, finished, restore_finished
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import FinetuneParams, PromptParams, as_dict, load_params
-from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, read_jsonl, write_csv, write_text
 from alpaca_lora_cpu.launch import check_world, config_file, relaunch, world
 from alpaca_lora_cpu.tokenization import encode_all, load_tokenizer
@@ -64,7 +63,7 @@ class Paths:
 
 
 def read_split(path: Path) -> list[dict]:
-    return read_jsonl(path, "data split", "run the prepare stage first")
+    return read_jsonl(path, "data split", "run the prepare stage first", records=True)
 
 
 def check_memory(config, paths: Paths) -> None:
@@ -80,11 +79,7 @@ def check_memory(config, paths: Paths) -> None:
 
 def check_inputs(params: FinetuneParams, paths: Paths) -> tuple[list[dict], list[dict]]:
     """Everything that can be wrong with the input, checked before any weights load."""
-    train, val = read_split(paths.data / "train.jsonl"), read_split(paths.data / "val.jsonl")
-    if not train:
-        raise StageError(f"{paths.data / 'train.jsonl'}: the training split is empty")
-    if not val:
-        raise StageError(f"{paths.data / 'val.jsonl'}: the validation split is empty")
+    train, val = read_split(paths.data / "train.jsonl"), read_split(paths.data / "val.jsonl")  # neither empty
     check_targets(params.lora, linear_module_names(paths.base))
     check_bitsandbytes(params.quantization)
     return train, val

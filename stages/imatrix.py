@@ -29,7 +29,7 @@ def calibration_records(source: str, fmt: str, data: Path) -> tuple[list[dict], 
     """(records, the file they came from): a prepared split, or a local file read and validated as prepare does."""
     if source in ("train", "val"):
         path = data / f"{source}.jsonl"
-        return read_jsonl(path, f"{source} split", "run the prepare stage first"), path
+        return read_jsonl(path, f"{source} split", "run the prepare stage first", records=True), path
     from alpaca_lora_cpu.records import Loaded, clean, read_local
 
     path = Path(source)
@@ -74,7 +74,8 @@ def run(params: ImatrixParams, template: str, fmt: str, merged: Path, data: Path
     config, weights = AutoConfig.from_pretrained(merged), Weights(merged, "merged model")
     t0 = time.time()
     with tqdm(total=config.num_hidden_layers, unit="layer", desc=f"imatrix ({sum(map(len, sequences))} tokens)") as bar:
-        sums, counts = collect(config, lambda n: weights.get(n, torch.float32), sequences, lambda _: bar.update())
+        sums, counts = collect(config, lambda n: weights.get(n, torch.float32), sequences, lambda _: bar.update(),
+                               params.batch_tokens)
     seconds = time.time() - t0
     name = params.source if params.source in ("train", "val") else source_file.name
     imatrix = Imatrix(sums, counts, [name], len(sequences), max(map(len, sequences)))

@@ -41,7 +41,7 @@ log = logging.getLogger("reference")
 
 def read_val(path: Path) -> list[dict]:
     """The prepared validation records (normalized by the prepare stage)."""
-    rows = read_jsonl(path, "validation split", "run the prepare stage")
+    rows = read_jsonl(path, "validation split", "run the prepare stage", records=True)
     if not rows:
         raise StageError(f"validation split {path} is empty: nothing to evaluate (check data.val_size / "
                          f"data.max_samples)")

@@ -35,6 +35,7 @@ from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import PromptParams, SearchParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import ensure_writable, read_jsonl, write_csv, write_json
+from alpaca_lora_cpu.openers import load_npz
 
 log = logging.getLogger("search")
 # Tensor groups (regex on GGUF names). token_embd is also the output matrix of tied models like SmolLM2.
@@ -205,7 +206,7 @@ def score(path: str, ref: str, threads: int) -> float:
     from alpaca_lora_cpu.llama import all_logits, open_llama
     from alpaca_lora_cpu.metrics import TopK, compare_logits
 
-    z = np.load(ref)
+    z = load_npz(ref, ("lengths", "ids", "top_ids", "top_logp", "tail", "target"), "search calibration")
     klds, start, pos = [], 0, 0
     # this runs in a child already (the stage's call_in_child): no preflight child of its own per candidate
     with open_llama(path, n_ctx=1024, threads=threads, logits_all=True, in_child=True) as llm:
@@ -239,7 +240,7 @@ def calibration_texts(data: Path, template: str, src: Path) -> list[str]:
     from alpaca_lora_cpu.gguf_files import chat_template, check_gguf, eos_text
     from alpaca_lora_cpu.prompts import full_text, to_turns
 
-    records = read_jsonl(data / "train.jsonl", "train split", "run the prepare stage first")
+    records = read_jsonl(data / "train.jsonl", "train split", "run the prepare stage first", records=True)
     reader = check_gguf(src)
     chat, eos = chat_template(reader), eos_text(reader) or ""
     try:
@@ -262,17 +263,6 @@ def stock_q4_0_bytes(src: Path, work: Path, threads: int) -> int:
     return size
 
 
-def check_types_known(types: tuple[str, ...]) -> None:
-    """Every search.types entry is a GGML tensor type llama.cpp can quantize a weight to, before any work."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    weight_types = {t.name for t in GGML_QUANT_SIZES if t.name not in ("F32", "F64", "I8", "I16", "I32", "I64")}
-    for t in types:
-        if t.upper() not in weight_types or t.upper() not in GGMLQuantizationType.__members__:
-            raise StageError(f"search.types: {t!r} is not a GGML weight type; valid: "
-                             f"{', '.join(sorted(x.lower() for x in weight_types))}")
-
-
 def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, data: Path, mlflow=None
         ) -> tuple[dict, list[dict], dict]:
     """(recipe, candidate rows, metrics)."""
@@ -281,7 +271,6 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
 
     if not imatrix.is_file():
         raise StageError(f"{imatrix} not found: run the imatrix stage first")
-    check_types_known(params.types)
     threads = os.cpu_count() or 1
     started = time.time()
     infos = tensor_infos(src)

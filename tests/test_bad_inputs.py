@@ -89,7 +89,7 @@ CASES = [
          {"base.model": "not a model"}),
     Case("base-unknown-builtin", "stages.base", r"unknown builtin 'llama-70b'", {"base.model": "builtin:llama-70b"}),
     Case("base-non-llama", "stages.base", r"architecture 'gpt2' is not supported", setup=non_llama_folder),
-    Case("base-truncated-gguf", "stages.base", r"is not a readable GGUF file",
+    Case("base-truncated-gguf", "stages.base", r"cut\.gguf is a damaged GGUF file",
          setup=lambda tmp: {"base.model": str(write(tmp, "cut.gguf", b"GGUF\x03\x00\x00"))}),
     Case("base-dtype-unknown", "stages.base", r"'base\.dtype' must be one of float32, bfloat16, float16",
          {"base.dtype": "int8"}),

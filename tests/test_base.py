@@ -60,7 +60,7 @@ def test_non_llama_gguf_is_rejected_by_name(tmp_path):
 def test_truncated_gguf_is_a_clear_error(tmp_path):
     path = tmp_path / "bad.gguf"
     path.write_bytes(b"GGUF\x03\x00")
-    with pytest.raises(StageError, match="not a readable GGUF"):
+    with pytest.raises(StageError, match="bad.gguf is a damaged GGUF file"):
         check_architecture(resolve(str(path)), trust_remote_code=False)
 
 

@@ -154,6 +154,7 @@ ENTRY_POINTS = {
     **stage_options(),
     "tools.generate": ("model", "prompt"),
     "tools.serve": ("model",),
+    "tools.bench_serve": ("gguf",),
     "tools.bench_infer": ("gguf",),
     "tools.bench_finetune": (),
     "tools.sweep": ("grid", "doc", "source"),

@@ -143,7 +143,7 @@ def test_empty_training_split(tmp_path, tiny_model_dir):
     cwd, args = setup_run(tmp_path, tiny_model_dir)
     (tmp_path / "data/train.jsonl").write_text("")
     proc = finetune(cwd, args)
-    assert proc.returncode == 2 and "the training split is empty" in proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "train.jsonl holds no records" in proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

@@ -50,6 +50,24 @@ def test_sums_are_squared_matmul_inputs_over_every_token(tiny_random_llama):
     assert not any(n.startswith(("output", "token_embd")) for n in sums)  # the LM head is not collected
 
 
+def test_batched_records_give_the_statistics_of_one_record_at_a_time(tiny_random_llama):
+    """Records of different lengths padded into batches: the padding is masked out of attention and statistics."""
+    from transformers import AutoConfig
+
+    from alpaca_lora_cpu.layerwise import batches
+    from alpaca_lora_cpu.shards import Weights
+
+    folder = tiny_random_llama[1]
+    seqs = [[1, 2, 3, 4, 5, 6, 7], [6, 7, 8], [9, 10, 11, 12], [13], [2, 4, 6, 8, 10]]
+    assert batches(seqs, 12) == [[3, 1, 2], [4], [0]]  # by length; rows × longest ≤ 12
+    args = AutoConfig.from_pretrained(folder), Weights(folder).get, seqs
+    alone, counts_alone = collect(*args, batch_tokens=0)
+    batched, counts_batched = collect(*args, batch_tokens=12)
+    assert counts_batched == counts_alone and set(counts_alone.values()) == {20}
+    for name in alone:
+        np.testing.assert_allclose(batched[name], alone[name], rtol=1e-5, err_msg=name)
+
+
 def test_gguf_file_has_llamacpp_layout_and_round_trips(tmp_path, tiny_random_llama):
     import gguf
 

@@ -49,7 +49,7 @@ def test_missing_and_corrupt_adapter(tmp_path, tiny_model_dir, tiny_adapter):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_adapter, bad)
     (bad / "adapter_model.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(StageError, match="corrupt"):
+    with pytest.raises(StageError, match="adapter_model.safetensors is damaged or not a safetensors file"):
         check_adapter_fits(tiny_model_dir, bad)
     (bad / "adapter_config.json").write_text("{not json")
     with pytest.raises(StageError, match="not valid JSON"):

@@ -18,20 +18,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
+from alpaca_lora_cpu.cli import check_text, make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import GenerateParams, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.prompts import render, stop_sequences
 
 
 def check_model(path: Path) -> None:
-    from alpaca_lora_cpu.gguf_files import check_gguf
+    from alpaca_lora_cpu.gguf_files import check_model_gguf
 
     if not path.exists():
         built = sorted(p.stem.removeprefix("finetuned-") for p in path.parent.glob("finetuned-*.gguf"))
         raise StageError(f"{path} not found: build it with `make repro` (quantize.types lists the levels), "
                          f"or pick QUANT= from: {', '.join(built) or 'nothing built yet'}")
-    check_gguf(path)
+    check_model_gguf(path)
 
 
 def completion_text(prompt: str, template: str, raw: bool) -> str:
@@ -105,9 +105,14 @@ def repl(llm: Any, n: int, g: GenerateParams, template: str, raw: bool) -> None:
     while True:
         try:
             line = input(">>> ").strip()
+            check_text("that line", line)
         except EOFError:
             print(file=sys.stderr)
             return
+        except (UnicodeDecodeError, StageError) as exc:  # a line that is not UTF-8: say so, keep the session
+            print(f"error: {exc if isinstance(exc, StageError) else 'that line is not valid UTF-8 text'}",
+                  file=sys.stderr)
+            continue
         if not line or line in ("/exit", "/quit"):
             return
         try:

@@ -41,5 +41,21 @@ def make_parser(doc: str, *paths: str) -> argparse.ArgumentParser:
 def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line and set up the one log format every entry point uses."""
     args = ap.parse_args(argv)
+    for name, value in vars(args).items():
+        check_text(f"--{name.replace('_', '-')}", value)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args
+
+
+def check_text(what: str, value: object) -> None:
+    """Text from the command line or a terminal must be UTF-8: Python keeps undecodable bytes as lone surrogates,
+    which fail much later (UnicodeEncodeError in llama.cpp's tokenizer or a print). One line naming `what`."""
+    if isinstance(value, (str, Path)):
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise StageError(f"{what} is not valid UTF-8 text (byte {ord(str(value)[exc.start]) - 0xDC00:#04x} at "
+                             f"position {exc.start}): pass UTF-8 text") from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_text(what, item)

@@ -9,6 +9,7 @@ does any work, not just the stage that reads the broken part.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -19,11 +20,12 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.variants import check_names
+from alpaca_lora_cpu.variants import check_names, check_weight_type
 
 T = TypeVar("T")
 PARAMS_FILE = "params.yaml"
 MIN_CUTOFF = 16
+MAX_INT = 2**31 - 1  # an int32: llama.cpp's n_ctx, seeds and token counts are C ints
 
 
 def check_min(section: str, params: object, minimum: float, *keys: str) -> None:
@@ -32,6 +34,21 @@ def check_min(section: str, params: object, minimum: float, *keys: str) -> None:
         value = getattr(params, key)
         if value < minimum:
             raise ValueError(f"{section}.{key} must be >= {minimum}, got {value}")
+
+
+def check_recipe(where: str, r: Any) -> None:
+    """ValueError naming the key when a recipe's per-tensor types are not weight types llama.cpp can write (with
+    or without the importance matrix, as the recipe asks) or an override is not a regex."""
+    named = [("token_embedding", r.token_embedding), ("output", r.output),
+             *((f"overrides.{k}", v) for k, v in r.overrides.items())]
+    for key, value in named:
+        if value is not None:
+            check_weight_type(f"{where}.{key}", value, r.imatrix)
+    for pattern in r.overrides:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{where}.overrides: {pattern!r} is not a regex ({exc})") from exc
 
 
 def check_size(key: str, text: str) -> None:
@@ -190,9 +207,13 @@ class ImatrixParams:
     source: str       # train | val | a local Alpaca file: the calibration text
     max_tokens: int   # calibration tokens in all
     chunk_size: int   # each record is cut to this many tokens
+    batch_tokens: int  # records run together through each layer, padded to at most this many tokens a batch
 
     def __post_init__(self) -> None:
         check_min("imatrix", self, 2, "max_tokens", "chunk_size")
+        if self.batch_tokens < self.chunk_size:
+            raise ValueError(f"imatrix.batch_tokens must be >= imatrix.chunk_size ({self.chunk_size}), got "
+                             f"{self.batch_tokens}")
 
 
 @dataclass(frozen=True)
@@ -202,7 +223,6 @@ class RecipeParams:
     token_embedding: str | None   # GGML type of token_embd (null: the level's choice)
     output: str | None            # GGML type of the output tensor (tied models: token_embd); null: the level's
     overrides: dict[str, str]     # regex on tensor names → GGML type, first match wins (llama.cpp tt_overrides)
-
 
 @dataclass(frozen=True)
 class QuantizeParams:
@@ -216,6 +236,8 @@ class QuantizeParams:
         if twice:
             raise ValueError(f"quantize.types lists {twice[0]!r} more than once")
         check_names(self.types, self.recipes)
+        for name, recipe in self.recipes.items():
+            check_recipe(f"quantize.recipes.{name}", recipe)
 
 
 @dataclass(frozen=True)
@@ -231,6 +253,8 @@ class SearchParams:
             raise ValueError(f"search.budget_mib must be > 0 or null, got {self.budget_mib}")
         if not self.types:
             raise ValueError("search.types must list at least one tensor type")
+        for i, t in enumerate(self.types):
+            check_weight_type(f"search.types[{i}]", t)
         check_min("search", self, 1, "calibration_tokens", "top_k", "verify")
 
 
@@ -415,9 +439,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise StageError(f"params: '{key}' must be {tp.__name__}, got {value!r}")
+    # every number reaches torch, numpy or llama.cpp: no inf/nan, no integer past what their C types hold
+    if tp is float and not math.isfinite(value):
+        raise StageError(f"params: '{key}' must be a finite number, got {value!r}")
+    if tp is int and abs(value) > MAX_INT:
+        raise StageError(f"params: '{key}' must be at most {MAX_INT:,} in size, got {value:,}")
     return value
 
 

@@ -28,7 +28,13 @@ STARTUP = 6.0         # seconds every stage spends starting: python, imports, th
 DISK = 0.8e9          # bytes/s a stage reads or writes checkpoints at (page cache helps; a cold disk is slower)
 # Efficiency of the measured peak rates in each kind of work (measured / peak; make bench-scale calibrates them).
 LAYERWISE = 0.38      # the layer-by-layer forward: one sequence at a time, weights loaded per layer
-TRAINING = 0.30       # forward + backward of a LoRA fine-tune (small matrices, the optimizer, the data loader)
+# A LoRA fine-tune = 6·params·tokens FLOPs at TRAINING × the fp32 matmul rate, plus TRAIN_STEP_OVERHEAD seconds
+# per token for a 30-layer, 576-wide model (norms, attention, the optimizer, the data loader; scaled by layers ×
+# hidden). Both fitted on two fp32 fine-tunes of the default 135M run (36k tokens): 175 s on the Intel Xeon
+# (fp32 405 GFLOP/s measured) and issue 19's 492 s on an AVX2 AMD EPYC (108 GFLOP/s). bf16 is counted at the fp32
+# rate at best: on the Xeon the bf16 fine-tune was no faster end to end (191 s) although its matmul probe was 5.8×.
+TRAINING = 0.63
+TRAIN_STEP_OVERHEAD = 1.48e-3
 LLAMA_PP = 0.8        # llama.cpp prompt processing of the real model, against the synthetic model's rate
 LLAMA_TG = 0.6        # llama.cpp generation: bytes of weights read per second, against the memory bandwidth
 QUANT_SLOW = {"iq": 4.0, "_k": 6.0}  # quantizing i-quants and k-quants takes longer than q4_0/q8_0
@@ -215,7 +221,10 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
     quant = {"none": 4.0, "8bit": 1.1, "4bit": 0.6}[p.finetune.quantization]
     micro = p.finetune.micro_batch_size * p.finetune.cutoff_len
     act = micro * s.layers * (4 * s.hidden + 4 * s.ffn) * 4 + micro * s.vocab * 4
-    out.append(Cost("finetune", 6 * s.params * (w.train_tokens + 2 * w.val_tokens) / (r[prec] * 1e9 * TRAINING),
+    tokens = w.train_tokens + 2 * w.val_tokens
+    rate = min(r[prec], r["fp32_gflops"]) * 1e9 * TRAINING
+    out.append(Cost("finetune", 6 * s.params * tokens / rate + TRAIN_STEP_OVERHEAD * tokens * s.layers * s.hidden
+                    / (30 * 576),
                     OVERHEAD + quant * s.params + act,
                     hint="finetune.quantization (4bit), finetune.micro_batch_size, finetune.cutoff_len"))
     g = w.gate_tokens["export"]
@@ -237,9 +246,9 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
                     + (s.size(export) + s.size(ref)) / DISK, hf_side, max(0.0, llama_side - hf_side),
                     hint="convert.gate_prompts, convert.gate_max_tokens, convert.outtype (q8_0)"))
     out.append(Cost("imatrix", _forward_seconds(s, w.imatrix_tokens, r),
-                    OVERHEAD + _layerwise_peak(s, max(1, w.imatrix_tokens // p.imatrix.chunk_size),
+                    OVERHEAD + _layerwise_peak(s, max(1, w.imatrix_tokens // p.imatrix.batch_tokens),
                                                w.imatrix_tokens, 0) + 8 * 7 * s.layers * s.ffn,
-                    hint="imatrix.max_tokens, imatrix.chunk_size"))
+                    hint="imatrix.batch_tokens, imatrix.max_tokens"))
     types = list(dict.fromkeys([*(t.lower() for t in p.search.types), "q8_0"]))
     candidates = 1 + 6 * (len(types) - 1) + p.search.verify
     out.append(Cost("search", sum(_quantize_seconds(s, t, r) for t in types)

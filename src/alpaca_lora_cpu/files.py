@@ -126,8 +126,9 @@ def read_json(path: str | os.PathLike, what: str = "file", hint: str = "") -> An
         raise StageError(f"{what} {p} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
 
 
-def read_jsonl(path: str | os.PathLike, what: str = "file", hint: str = "") -> list:
-    """The records of a JSON Lines file (blank lines skipped); a bad line is a one-line StageError naming it."""
+def read_jsonl(path: str | os.PathLike, what: str = "file", hint: str = "", records: bool = False) -> list:
+    """The rows of a JSON Lines file (blank lines skipped); a bad line is a one-line StageError naming it.
+    `records`: a data split, which must hold at least one row, each a JSON object."""
     p = Path(path)
     rows = []
     for i, line in enumerate(_read_text(p, what, hint).splitlines(), 1):
@@ -136,4 +137,8 @@ def read_jsonl(path: str | os.PathLike, what: str = "file", hint: str = "") -> l
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise StageError(f"{what} {p}: cannot read line {i}: not valid JSON ({exc.msg})") from exc
+            if records and not isinstance(rows[-1], dict):
+                raise StageError(f"{what} {p}: line {i} is a JSON {type(rows[-1]).__name__}, not a record")
+    if records and not rows:
+        raise StageError(f"{what} {p} holds no records" + (f" ({hint})" if hint else ""))
     return rows

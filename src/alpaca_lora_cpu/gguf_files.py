@@ -174,6 +174,48 @@ def check_gguf(path: str | os.PathLike) -> Header:
     return header
 
 
+def open_gguf(path: str | os.PathLike, what: str = "", hint: str = "") -> Any:
+    """gguf-py's GGUFReader on `path`, after the project's header scan (gguf_files.check_gguf: magic, header,
+    every tensor's extent within the file), so a truncated file fails here, not when a tensor is read."""
+    from gguf import GGUFReader
+
+    from alpaca_lora_cpu.openers import damaged, present
+
+    p = Path(path)
+    present(p, "GGUF", what, hint)
+    try:
+        check_gguf(p)
+    except StageError as exc:
+        raise StageError(f"{what + ' ' if what else ''}{exc}{'; ' + hint if hint else ''}") from exc
+    try:
+        return GGUFReader(str(p))
+    except Exception as exc:  # gguf-py raises IndexError, ValueError, struct errors, KeyError … on damage
+        raise damaged(p, "GGUF", exc, hint, what) from exc
+
+
+def gguf_field(reader: Any, key: str, path: str | os.PathLike, what: str = "") -> Any:
+    """A metadata value of an opened GGUF (`contents()`), or a one-line error naming the key."""
+    field = reader.fields.get(key)
+    try:
+        if field is None:
+            raise KeyError(key)
+        return field.contents()
+    except Exception as exc:
+        raise StageError(f"{what + ' ' if what else ''}{path}: GGUF metadata {key!r} is missing or unreadable") \
+            from exc
+
+
+def check_model_gguf(path: str | os.PathLike) -> Header:
+    """check_gguf, and the file is a model llama.cpp can run (not an imatrix, LoRA or vocabulary-only GGUF)."""
+    header = check_gguf(path)
+    kind = field_value(header, "general.type")
+    if kind not in (None, "model"):
+        raise StageError(f"{path} is a llama.cpp {kind} file, not a model (general.type = {kind!r})")
+    if not field_value(header, "general.architecture"):
+        raise StageError(f"{path} is not a model GGUF: it has no general.architecture")
+    return header
+
+
 def field_value(header: Header, key: str) -> Any:
     """A scalar or string metadata value, or None when absent."""
     return header.values.get(key)

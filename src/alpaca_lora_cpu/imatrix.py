@@ -51,7 +51,8 @@ def gguf_name(hf_module: str, n_layers: int) -> str:
 
 
 def collect(config: Any, get: Callable[[str], Any], sequences: list[list[int]],
-            progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+            progress: Callable[[int], None] | None = None, batch_tokens: int = 4096
+            ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Σ x² and token counts of the input of every nn.Linear inside the decoder layers, over `sequences`, from the
     checkpoint `get` reads (layerwise.forward). The LM head is left out, as llama-imatrix does without
     --process-output."""
@@ -67,7 +68,7 @@ def collect(config: Any, get: Callable[[str], Any], sequences: list[list[int]],
         sums[name] = sums[name] + (x * x).sum(0) if name in sums else (x * x).sum(0)
         counts[name] = counts.get(name, 0) + x.shape[0]
 
-    forward(config, get, sequences, on_input=record, logits=False, progress=progress)
+    forward(config, get, sequences, on_input=record, logits=False, progress=progress, batch_tokens=batch_tokens)
     return {n: s.numpy() for n, s in sums.items()}, counts
 
 
@@ -94,12 +95,9 @@ def write(path: str | os.PathLike, imatrix: Imatrix) -> None:
 
 def read(path: str | os.PathLike) -> Imatrix:
     """A GGUF imatrix file back, checked as llama.cpp's loader checks it."""
-    import gguf
+    from alpaca_lora_cpu.gguf_files import open_gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as exc:
-        raise StageError(f"{path}: not a readable GGUF imatrix ({exc}); rerun the imatrix stage") from exc
+    reader = open_gguf(path, "imatrix", "rerun the imatrix stage")
     fields = reader.fields
     missing = [k for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size") if k not in fields]
     if fields.get("general.type") is None or fields["general.type"].contents() != "imatrix" or missing:

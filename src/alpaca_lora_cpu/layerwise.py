@@ -72,12 +72,30 @@ def build_layer(config: Any, i: int, get: Getter, lora: Lora | None = None) -> A
     return layer.eval()
 
 
+def batches(sequences: list[list[int]], batch_tokens: int) -> list[list[int]]:
+    """Indices of `sequences` grouped by length (shortest first) into batches of at most `batch_tokens` padded
+    tokens; batch_tokens 0: one sequence a batch, in order."""
+    if batch_tokens <= 0:
+        return [[i] for i in range(len(sequences))]
+    out: list[list[int]] = []
+    for i in sorted(range(len(sequences)), key=lambda i: len(sequences[i])):
+        # sorted by length: the newest sequence is the batch's longest, so the padded size is rows × its length
+        if out and (len(out[-1]) + 1) * len(sequences[i]) <= batch_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
 def forward(config: Any, get: Getter, sequences: list[list[int]], lora: Lora | None = None,
             on_input: Callable[[str, Any], None] | None = None, logits: bool = True,
-            progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+            progress: Callable[[int], None] | None = None, batch_tokens: int = 0) -> list[np.ndarray]:
     """Per sequence, fp32 logits for every position (row i predicts token i+1), computed layer by layer.
-    `on_input(module name, input)` sees the input of every nn.Linear inside the decoder layers (the imatrix's
-    statistics); `logits=False` stops after the last layer (and returns []). `progress(i)` after each layer."""
+    `on_input(module name, input rows)` sees the input of every nn.Linear inside the decoder layers (the imatrix's
+    statistics), one row per real token; `logits=False` stops after the last layer (and returns []).
+    `progress(i)` after each layer. `batch_tokens` > 0 runs sequences of similar length together, right-padded to
+    at most that many tokens a batch with the padding masked out (each sequence sees only itself, as alone); 0
+    runs one sequence at a time (the logit gates: exactly the whole model's arithmetic)."""
     import torch
     import torch.nn.functional as F
     from transformers.masking_utils import create_causal_mask
@@ -85,23 +103,40 @@ def forward(config: Any, get: Getter, sequences: list[list[int]], lora: Lora | N
 
     config = _config(config)
     steady_heap()
+    groups = batches(sequences, batch_tokens)
     with torch.no_grad():
         embed = get("model.embed_tokens.weight").float()
-        hidden = [embed[torch.tensor([ids])] for ids in sequences]
         rotary = LlamaRotaryEmbedding(config)
-        positions = [torch.arange(len(ids)).unsqueeze(0) for ids in sequences]
-        rope = [rotary(h, p) for h, p in zip(hidden, positions, strict=True)]
-        masks = [create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=p)
-                 for h, p in zip(hidden, positions, strict=True)]
+        hidden, masks, rope, positions, valid = [], [], [], [], []
+        for group in groups:
+            width = max(len(sequences[i]) for i in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            real = torch.zeros(len(group), width, dtype=torch.bool)
+            for row, i in enumerate(group):
+                ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
+                real[row, :len(sequences[i])] = True
+            h = embed[ids]
+            pos = torch.arange(width).unsqueeze(0).expand(len(group), -1)
+            hidden.append(h)
+            positions.append(pos)
+            rope.append(rotary(h, pos))
+            masks.append(create_causal_mask(config=config, inputs_embeds=h,
+                                            attention_mask=None if len(group) == 1 else real.long(), cache=None,
+                                            position_ids=pos))
+            valid.append(real)
         tied = getattr(config, "tie_word_embeddings", False)
         if not tied:
             del embed
+        current: list[Any] = [None]  # the batch being run: which of its rows and positions are real tokens
         for i in range(config.num_hidden_layers):
             layer = build_layer(config, i, get, lora)
-            handles = _hooks(layer, i, on_input) if on_input else []
+            handles = _hooks(layer, i, on_input, current) if on_input else []
             try:
-                hidden = [layer(h, attention_mask=m, position_embeddings=r, position_ids=p)
-                          for h, m, r, p in zip(hidden, masks, rope, positions, strict=True)]
+                out = []
+                for h, m, r, pos, real in zip(hidden, masks, rope, positions, valid, strict=True):
+                    current[0] = real
+                    out.append(layer(h, attention_mask=m, position_embeddings=r, position_ids=pos))
+                hidden = out
             finally:
                 for handle in handles:
                     handle.remove()
@@ -114,15 +149,19 @@ def forward(config: Any, get: Getter, sequences: list[list[int]], lora: Lora | N
         norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         norm.weight.data = get("model.norm.weight").float()
         head = embed if tied else get("lm_head.weight").float()
-        return [F.linear(norm(h), head)[0].numpy() for h in hidden]
+        result: list[Any] = [None] * len(sequences)
+        for group, h in zip(groups, hidden, strict=True):
+            for row, i in enumerate(group):
+                result[i] = F.linear(norm(h[row:row + 1, :len(sequences[i])]), head)[0].numpy()
+        return result
 
 
-def _hooks(layer: Any, i: int, on_input: Callable[[str, Any], None]) -> list:
+def _hooks(layer: Any, i: int, on_input: Callable[[str, Any], None], current: list[Any]) -> list:
     import torch
 
     def hook(name: str):
         def record(_module, inputs, _output):
-            on_input(name, inputs[0])
+            on_input(name, inputs[0][current[0]])  # (real tokens, features): the padding left out
         return record
 
     return [module.register_forward_hook(hook(f"model.layers.{i}.{name}"))

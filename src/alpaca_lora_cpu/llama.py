@@ -5,7 +5,7 @@ generation and the speed benchmark (pp512 / tg128 as llama-bench measures them).
         ids = tokenize(llm, text)
         logits = all_logits(llm, ids)      # (len(ids), vocab) float32, one row per position
 
-Every open validates the file (`gguf_files.check_gguf`) and tries it in a child process first
+Every open validates the file (`gguf_files.check_model_gguf`) and tries it in a child process first
 (`native.preflight`), so a damaged file or a build that faults on this CPU is a one-line error. Shared by convert,
 quantize, reference, evaluate and the tools; no work at import time.
 """
@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.gguf_files import check_gguf
+from alpaca_lora_cpu.gguf_files import check_model_gguf
 from alpaca_lora_cpu.metrics import log_probs, speed_runs
-from alpaca_lora_cpu.native import call_in_child, preflight
+from alpaca_lora_cpu.native import call_in_child, preflight, quiet_aborts
 from alpaca_lora_cpu.tracking import build_record
 
 # A fixed English filler for the speed prompts (llama-bench uses random tokens; content does not change speed).
@@ -55,7 +55,8 @@ def open_llama(path: str | os.PathLike, *, n_ctx: int, threads: int, logits_all:
     """A `llama_cpp.Llama` on a validated GGUF (CPU, quiet, `threads` for both batch and single-token work),
     tried in a child first (unless this already is one: `in_child`, where the parent catches a crash), closed on
     exit (no noisy __del__ at interpreter exit)."""
-    check_gguf(path)
+    check_model_gguf(path)
+    quiet_aborts()
     if not in_child:
         preflight(path)
     import llama_cpp

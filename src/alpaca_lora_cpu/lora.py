@@ -74,15 +74,11 @@ def _scale(cfg: dict, module: str, r: int) -> float:
 def read(folder: str | Path) -> Adapter:
     """The adapter's modules with their scale, each rank checked against the config. One-line StageError for a
     damaged, inconsistent or unsupported adapter."""
-    from safetensors.torch import load_file
+    from alpaca_lora_cpu.openers import load_safetensors
 
     folder = Path(folder)
     cfg = read_config(folder)
-    try:
-        tensors = load_file(str(folder / WEIGHTS))
-    except Exception as exc:  # safetensors raises its own SafetensorError for damaged files
-        raise StageError(f"adapter weights {folder / WEIGHTS} are corrupt or not safetensors "
-                         f"({type(exc).__name__})") from exc
+    tensors = load_safetensors(folder / WEIGHTS, "adapter weights")
     pairs: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
         for part in ("lora_A", "lora_B"):

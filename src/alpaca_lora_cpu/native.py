@@ -67,8 +67,20 @@ def crash_message(signum: int, file: str | os.PathLike | None, action: str) -> s
     return f"llama.cpp died with {signal_name(signum)} while {action}{where}: likely {cause}. Fix: {fix}"
 
 
+NO_BACKTRACE = "GGML_NO_BACKTRACE"
+
+
+def quiet_aborts() -> None:
+    """ggml's abort handler attaches gdb to print a backtrace, which can hang for ever (ptrace refused, no tty):
+    every process that runs llama.cpp sets GGML_NO_BACKTRACE, so an abort is a SIGABRT the parent reports in one
+    line (`NativeCrash`), not a stuck stage. ggml reads it when it aborts, so setting it any time before works."""
+    os.environ.setdefault(NO_BACKTRACE, "1")
+
+
 def _child(conn: Any, fn: Callable[..., Any], args: tuple) -> None:
     import resource
+
+    quiet_aborts()
 
     # A crash is reported by the parent; a core file in the working folder would only be litter.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -89,6 +101,7 @@ def call_in_child(fn: Callable[..., Any], *args: Any, file: str | os.PathLike | 
                   action: str = "running") -> Any:
     """`fn(*args)` in a fresh spawned process (not forked: llama.cpp's threads must not be copied); its return
     value, or its exception re-raised here, or `NativeCrash` when a signal killed it. `fn` must be importable."""
+    quiet_aborts()  # inherited by the spawned child (and by any process it starts)
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(send, fn, args))  # not daemonic: fn may start children
@@ -116,7 +129,14 @@ def _try_model(path: str) -> int:
     """Load `path` and run what crashes first on a bad build: a multi-token batch, then single-token steps."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(path, n_ctx=64, n_batch=32, n_threads=os.cpu_count() or 1, verbose=False)
+    from alpaca_lora_cpu.llama import captured_stderr
+
+    with captured_stderr() as log:
+        try:
+            llm = llama_cpp.Llama(path, n_ctx=64, n_batch=32, n_threads=os.cpu_count() or 1, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:  # llama-cpp-python's "Failed to load model from file"
+            detail = next((ln for ln in reversed(log) if "error" in ln.lower()), str(exc))
+            raise StageError(f"llama.cpp cannot load {path}: {detail.strip()[:200]}") from None
     try:
         n_vocab = llm.n_vocab()
         batch = [llm.token_bos() if llm.token_bos() >= 0 else 0] + [(7 * i + 11) % n_vocab for i in range(15)]

@@ -41,7 +41,7 @@ def run_gated(mlflow: Any, metrics_path: Path, keys: dict[str, str], work: Calla
 
 def gate_texts(val_path: str | Path, n: int, template: str, tokenizer: Any = None) -> list[str]:
     path = Path(val_path)
-    rows = read_jsonl(path, "validation file")
+    rows = read_jsonl(path, "validation file", records=True)
     if not rows:
         raise StageError(f"validation file {path} has no records")
     eos = getattr(tokenizer, "eos_token", None) or ""

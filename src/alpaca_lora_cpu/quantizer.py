@@ -12,14 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from alpaca_lora_cpu.config import RecipeParams
+from alpaca_lora_cpu.config import RecipeParams, check_recipe
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.variants import IMAT, SEARCHED, parse
+from alpaca_lora_cpu.variants import IMAT, NEEDS_IMATRIX, SEARCHED, parse
 
 TYPE_NAME = re.compile(r"^(Q[2-8]_(0|1|K|K_[SML])|IQ4_(NL|XS)|IQ3_(S|XXS)|IQ2_(S|XS|XXS)|IQ1_[SM]|F16|BF16)$")
-# llama.cpp refuses these without an importance matrix ("missing importance matrix for tensor …"): too few bits
-# to quantize blindly.
-NEEDS_IMATRIX = {"iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}
 
 
 def valid_types() -> dict[str, int]:
@@ -72,18 +69,10 @@ def plan_for(entry: str, recipes: dict[str, RecipeParams], searched: Path | None
         recipes = {SEARCHED: read_recipe(searched)}
     if entry in recipes:
         r = recipes[entry]
-        tensor_types = valid_tensor_types()
-        named = [("token_embedding", r.token_embedding), ("output", r.output),
-                 *((f"overrides.{k}", v) for k, v in r.overrides.items())]
-        for key, value in named:
-            if value is not None and value.upper() not in tensor_types:
-                raise StageError(f"quantize.recipes.{entry}.{key}: unknown GGML tensor type {value!r}; valid: "
-                                 f"{', '.join(sorted(t.lower() for t in tensor_types))}")
-        for pattern in r.overrides:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise StageError(f"quantize.recipes.{entry}.overrides: {pattern!r} is not a regex ({exc})") from exc
+        try:  # the schema checks quantize.recipes; a searched recipe file is checked here the same way
+            check_recipe(f"quantize.recipes.{entry}" if entry != SEARCHED else f"{searched}", r)
+        except ValueError as exc:
+            raise StageError(str(exc)) from exc
         plan = Plan(entry, r.type, r.imatrix, r.token_embedding and r.token_embedding.upper(),
                     r.output and r.output.upper(), tuple((k, v.upper()) for k, v in r.overrides.items()), recipe=True)
     else:

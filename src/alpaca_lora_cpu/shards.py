@@ -47,9 +47,8 @@ class Weights:
     """A safetensors checkpoint folder, read lazily: the headers at open, each tensor when asked for."""
 
     def __init__(self, folder: str | Path, what: str = "model") -> None:
-        from safetensors import safe_open
-
         from alpaca_lora_cpu.memory import steady_heap
+        from alpaca_lora_cpu.openers import safetensors_keys
 
         steady_heap()  # reading tensor after tensor: let each one's memory go back when it is freed
         self.folder, self.what = Path(folder), what
@@ -60,15 +59,8 @@ class Weights:
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, str] = {}
         for f in files:
-            try:
-                with safe_open(str(f), framework="pt") as fh:
-                    for name in fh.keys():
-                        sl = fh.get_slice(name)
-                        self.file_of[name], self.shape[name], self.dtype[name] = f, tuple(sl.get_shape()), \
-                            sl.get_dtype()
-            except Exception as exc:  # safetensors raises its own SafetensorError for damaged headers
-                raise StageError(f"{what} {f} is corrupt or not safetensors ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from exc
+            for name, (shape, dtype) in safetensors_keys(f, what).items():
+                self.file_of[name], self.shape[name], self.dtype[name] = f, shape, dtype
         self._open: dict[Path, Any] = {}
         self._maps: dict[Path, tuple[Any, int, dict]] = {}
 

@@ -147,6 +147,37 @@ def _store_init_lock(uri: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+STORE_FIX = "point it at a new file (sqlite:///mlflow.db) or move the damaged one away"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_store(uri: str) -> None:
+    """The tracking store, checked before MLflow touches it: a local SQLite file must be an SQLite database (or
+    not exist yet) in a folder that is one; a local file store must be a folder. One line naming the URI if not."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        kind = "SQLite file"
+    elif uri.startswith("file:") or "://" not in uri:
+        path = Path(uri.removeprefix("file://").removeprefix("file:"))
+        kind = "folder"
+    else:
+        return  # a server (http, databricks, …): MLflow reports its own connection errors
+    existing = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise StageError(f"MLFLOW_TRACKING_URI={uri}: {existing} is a file, so the {kind} {path} cannot be "
+                         f"created under it; {STORE_FIX}")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise StageError(f"MLFLOW_TRACKING_URI={uri} is a file, not a tracking folder; {STORE_FIX}")
+    if kind == "SQLite file" and path.exists():
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(16)
+        except OSError as exc:
+            raise StageError(f"MLFLOW_TRACKING_URI={uri}: cannot read {path} ({exc.strerror}); {STORE_FIX}") from exc
+        if path.is_dir() or (head and head != SQLITE_MAGIC):
+            raise StageError(f"MLFLOW_TRACKING_URI={uri} is not an SQLite database; {STORE_FIX}")
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict, run_name: str | None = None) -> Iterator[Any]:
     """Open an MLflow run for `stage`, log its params, and yield the `mlflow` module for metrics/artifacts."""
@@ -154,12 +185,20 @@ def stage_run(stage: str, params: dict, run_name: str | None = None) -> Iterator
     from mlflow.tracking import MlflowClient
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    check_store(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     tags = run_tags(stage)
-    with _store_init_lock(uri):
-        experiment = _experiment(mlflow, client)
-        parent = _parent_run(client, experiment.experiment_id, tags)
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with _store_init_lock(uri):
+            experiment = _experiment(mlflow, client)
+            parent = _parent_run(client, experiment.experiment_id, tags)
+    except (MlflowException, SQLAlchemyError, OSError) as exc:  # a store that opens but does not work
+        raise StageError(f"MLFLOW_TRACKING_URI={uri}: the tracking store does not work ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); {STORE_FIX}") from exc
     _fail_orphans(client, experiment.experiment_id)
     tags = {**tags, "kind": "stage", "mlflow.parentRunId": parent, "host": socket.gethostname(),
             "pid": str(os.getpid()), **build_record()}

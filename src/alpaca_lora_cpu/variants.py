@@ -27,6 +27,26 @@ GGUF_DIR = "models/gguf"
 
 Kind = Literal["base", "reference", "plain", "imatrix", "i-quant", "recipe"]
 
+# GGML tensor types llama.cpp's quantizer can store a weight in (recipe overrides, search.types): gguf-py's
+# GGMLQuantizationType less the integer and f64 types, the dot-product-only Q8_1/Q8_K and the ternary TQ types
+# (tests check the list against gguf-py and llama-cpp-python). llama.cpp aborts on any other type.
+WEIGHT_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS")
+# llama.cpp refuses these without an importance matrix ("missing importance matrix for tensor …"): too few bits
+# to quantize blindly.
+NEEDS_IMATRIX = {"iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}
+
+
+def check_weight_type(key: str, value: str, imatrix: bool = True) -> None:
+    """ValueError naming `key` unless `value` is a GGML type a weight can be quantized to (with an importance
+    matrix when `imatrix`)."""
+    if value.upper() not in WEIGHT_TYPES:
+        raise ValueError(f"{key}: {value!r} is not a GGML weight type; valid: "
+                         f"{', '.join(t.lower() for t in WEIGHT_TYPES)}")
+    if value.lower() in NEEDS_IMATRIX and not imatrix:
+        raise ValueError(f"{key}: llama.cpp quantizes to {value.lower()} only with the importance matrix "
+                         "(set the recipe's imatrix: true)")
+
 
 @dataclass(frozen=True)
 class Variant:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.files import read_details, read_json, read_jsonl
+from alpaca_lora_cpu.files import details_path, read_details, read_json, read_jsonl
+from alpaca_lora_cpu.metric_table import flat_paths
+from alpaca_lora_cpu.tracking import lookup
 from alpaca_lora_cpu.variants import evaluate_stage
 
 log = logging.getLogger("report")
@@ -42,8 +44,12 @@ class Inputs:
 def load(names: list[str], src: Sources) -> Inputs:
     """Every input, or a one-line StageError naming the file: missing variants, or records of another run."""
     ref = read_details(src.reference, "reference metrics")
+    require(ref, ("run_id",), details_path(src.reference), "run `dvc repro reference`")
     found = {v: read_details(src.evaluated / f"{v}.json", f"variant {v}: metrics",
                              f"run `dvc repro {evaluate_stage(v)}`") for v in names}
+    for v, record in found.items():
+        require(record, ("run_id", *flat_paths().values()),  # what every evaluate record publishes
+                details_path(src.evaluated / f"{v}.json"), f"run `dvc repro {evaluate_stage(v)}`")
     mismatched = [(v, m.get("run_id")) for v, m in found.items() if m.get("run_id") != ref["run_id"]]
     if mismatched:
         v, rid = mismatched[0]
@@ -58,6 +64,16 @@ def load(names: list[str], src: Sources) -> Inputs:
 
     return Inputs(ref, found, gens, optional(src.imatrix, "imatrix metrics"), optional(src.search, "search metrics"),
                   optional(src.finetune, "finetune metrics", read_json), read_loss(src.loss))
+
+
+def require(record: object, paths: tuple[str, ...], where: Path, hint: str) -> None:
+    """A one-line StageError naming the file and the first key (dotted path) the report needs that a stage's
+    record lacks: a record from another version of the code, or edited by hand."""
+    if not isinstance(record, dict):
+        raise StageError(f"{where}: a stage record must be a JSON object, got {type(record).__name__} ({hint})")
+    for path in paths:
+        if lookup(record, path) is None:
+            raise StageError(f"{where}: the record has no {path!r} ({hint})")
 
 
 def read_loss(loss_dir: Path) -> dict[str, list[tuple[float, float]]]:
