@@ -147,3 +147,41 @@ def test_the_cli_refuses_undecodable_text_in_any_option():
     check_text("--prompt", "naïve café ✓")
     with pytest.raises(StageError, match=r"--out is not valid UTF-8 text \(byte 0xff at position 1\)"):
         check_text("--out", Path(os.fsdecode(b"a\xffb")))
+
+
+def test_the_weight_types_are_gguf_pys_and_llama_cpps():
+    """variants.WEIGHT_TYPES (what the schema lets recipes and the search ask for) against the libraries that
+    define the format: every entry a gguf-py GGMLQuantizationType with a block size, the same number as llama.cpp's."""
+    import gguf
+    import llama_cpp
+
+    from alpaca_lora_cpu.variants import NEEDS_IMATRIX, WEIGHT_TYPES
+
+    for name in WEIGHT_TYPES:
+        assert name in gguf.GGMLQuantizationType.__members__, name
+        assert gguf.GGMLQuantizationType[name] in gguf.GGML_QUANT_SIZES, name
+        # llama-cpp-python lacks some constants (BF16); where it has one, it is the same ggml_type number
+        assert getattr(llama_cpp, f"GGML_TYPE_{name}", int(gguf.GGMLQuantizationType[name])) == \
+            int(gguf.GGMLQuantizationType[name]), name
+    assert {t.upper() for t in NEEDS_IMATRIX} <= set(WEIGHT_TYPES)
+    assert not {"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"} & set(WEIGHT_TYPES)
+
+
+@pytest.mark.slow
+def test_llama_cpps_quantizer_takes_every_weight_type_as_an_override(wide_model, tmp_path):
+    """What the schema accepts, llama.cpp really writes: each weight type as a per-tensor override (with the
+    importance matrix), and the file holds that type for that tensor."""
+    from gguf import GGMLQuantizationType
+
+    from alpaca_lora_cpu.gguf_files import check_gguf
+    from alpaca_lora_cpu.quantizer import Plan, quantize_file
+    from alpaca_lora_cpu.variants import WEIGHT_TYPES
+
+    _, gguf, imatrix = wide_model
+    for name in WEIGHT_TYPES:
+        out = tmp_path / f"{name}.gguf"
+        quantize_file(gguf, out, Plan(name, "q8_0", True, overrides=((r"blk\.0\.ffn_down", name),), recipe=True),
+                      imatrix)
+        written = {t.name: t.type_id for t in check_gguf(out).tensors}["blk.0.ffn_down.weight"]
+        assert written == int(GGMLQuantizationType[name]), (name, written)
+        out.unlink()

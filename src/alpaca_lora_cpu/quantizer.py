@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alpaca_lora_cpu.config import RecipeParams, check_recipe
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.variants import IMAT, NEEDS_IMATRIX, SEARCHED, parse
+from alpaca_lora_cpu.variants import IMAT, NEEDS_IMATRIX, SEARCHED, WEIGHT_TYPES, parse
 
 TYPE_NAME = re.compile(r"^(Q[2-8]_(0|1|K|K_[SML])|IQ4_(NL|XS)|IQ3_(S|XXS)|IQ2_(S|XS|XXS)|IQ1_[SM]|F16|BF16)$")
 
@@ -41,10 +41,11 @@ class Plan:
 
 
 def valid_tensor_types() -> dict[str, int]:
-    import llama_cpp
+    """GGML weight type name → ggml_type number, from gguf-py's enum (it mirrors ggml.h; llama-cpp-python's
+    constants lack some, e.g. BF16)."""
+    from gguf import GGMLQuantizationType
 
-    return {n.removeprefix("GGML_TYPE_"): getattr(llama_cpp, n) for n in dir(llama_cpp)
-            if n.startswith("GGML_TYPE_") and n != "GGML_TYPE_COUNT"}
+    return {n: int(GGMLQuantizationType[n]) for n in WEIGHT_TYPES}
 
 
 def read_recipe(path: Path) -> RecipeParams:
