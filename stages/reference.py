@@ -41,11 +41,8 @@ log = logging.getLogger("reference")
 
 def read_val(path: Path) -> list[dict]:
     """The prepared validation records (normalized by the prepare stage)."""
-    rows = read_jsonl(path, "validation split", "run the prepare stage", records=True)
-    if not rows:
-        raise StageError(f"validation split {path} is empty: nothing to evaluate (check data.val_size / "
-                         f"data.max_samples)")
-    return rows
+    return read_jsonl(path, "validation split", "nothing to evaluate: check data.val_size and data.max_samples, "
+                      "then run the prepare stage", records=True)
 
 
 def prompt_pairs(records: list[dict], template: str, gguf: Path, val: Path) -> list[tuple[str, str]]:

@@ -188,7 +188,7 @@ def test_empty_validation_split_is_a_clear_error(workdir):
     empty = workdir / "data/prepared/empty.jsonl"
     empty.write_text("")
     proc = reference(workdir, val="data/prepared/empty.jsonl", out="models/reference-empty")
-    assert proc.returncode == 2 and "is empty" in proc.stderr and "empty.jsonl" in proc.stderr
+    assert proc.returncode == 2 and "holds no records" in proc.stderr and "empty.jsonl" in proc.stderr
     assert not (workdir / "models/reference-empty").exists()
 
 
