@@ -75,9 +75,10 @@ $(PLOTS_TEMPLATE): $(VENV)/.deps tools/plots_template.py
 $(STAMP): $(VENV)/.deps $(VENV)/.llama $(PLOTS_TEMPLATE)
 	@touch $@
 
-repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults, after printing its cost plan
-	@python -m tools.plan || echo "(no plan: see the error above; the stages check their own memory)"
-	PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro
+repro: $(STAMP) ## Run the pipeline (dvc repro) on the embedded defaults, printing its cost plan once the data is prepared
+	@export PIPELINE_RUN_ID=$${PIPELINE_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)}; \
+	dvc repro prepare && { python -m tools.plan || echo "(no plan: see the error above; the stages check their own memory)"; } && \
+	dvc repro
 
 plan: $(STAMP) ## Each stage's predicted time and peak memory for the configured model on this machine (MODEL=… MEMORY=16GB RATES=configs/rates/avx2-epyc-derived.json: another machine's)
 	python -m tools.plan $(if $(MODEL),--model $(MODEL)) $(if $(MEMORY),--memory $(MEMORY)) $(if $(RATES),--rates $(RATES))

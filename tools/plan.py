@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"plan for {where}: {shape.params / 1e9:.2f} B parameters ({shape.layers} layers, hidden {shape.hidden}), "
           f"on {machine}: fp32 matmul {rates['fp32_gflops']:.0f} GFLOP/s, bf16 {rates['bf16_gflops']:.0f}, "
           f"memory read {rates['bandwidth_bytes_per_s'] / GB:.1f} GB/s, {params.evaluate.threads} threads")
+    if not args.data.is_dir():
+        print(f"(no prepared data in {args.data}: token counts assume a 1% sample of alpaca-cleaned, 466 + 52 records "
+              "of ~180 tokens; `dvc repro prepare` first for the real counts)")
     print("\n".join(table(costs, have)))
     print(f"total predicted: {hours(total)} of pipeline time; peak memory {max(c.memory for c in costs) / GB:.1f} GB "
           f"(the largest stage), {have / GB:.1f} GB available")
