@@ -182,19 +182,21 @@ def test_each_streaming_stage_peaks_at_a_few_shards_not_the_model(synthetic):
 
     params, shape = load_params(synthetic / "params.yaml"), Shape.read(synthetic / "source")
     for name, cmd in stage_commands(synthetic):
-        # under a cgroup limit where the machine has one: the interpreter, the bound, and room for the page cache
-        m = measure([sys.executable, "-m", *cmd], cwd=ROOT, env=env, limit=int(floor + BOUND * SHARD + 0.6e9))
+        predicted = stage_cost(name, params, shape, synthetic / "data").peak
+        # under a cgroup limit where the machine has one: the interpreter and the bound (or the plan's peak, which
+        # the stage checks against the limit itself), and room for the page cache
+        limit = int(max(floor + BOUND * SHARD, predicted) + 0.6e9)
+        m = measure([sys.executable, "-m", *cmd], cwd=ROOT, env=env, limit=limit)
         assert m.returncode == 0 and not m.oom, f"{name}: {m.stderr[-1500:]}"
-        if m.peak_anon - floor > BOUND * SHARD:
+        if m.peak_anon - floor > BOUND * SHARD or m.peak_anon > predicted:
             # Measured once more: after the full suite a stage's peak has now and then come out 300-700 MB higher
             # than in runs alone (base 748 MB against 448; merge 1.2 GB above the interpreter against ~0.5); the
             # cause is not found (issue 19's closing note). Both runs above the bound still fail.
-            again = measure([sys.executable, "-m", *cmd], cwd=ROOT, env=env, limit=int(floor + BOUND * SHARD + 0.6e9))
+            again = measure([sys.executable, "-m", *cmd], cwd=ROOT, env=env, limit=limit)
             m = again if again.returncode == 0 and again.peak_anon < m.peak_anon else m
         above = m.peak_anon - floor
         assert above <= BOUND * SHARD < model_fp32, f"{name}: {above / 1e6:.0f} MB above the interpreter's own"
         # the plan's prediction is an upper bound of what was measured
-        predicted = stage_cost(name, params, shape, synthetic / "data").peak
         assert m.peak_anon <= predicted, f"{name}: measured {m.peak_anon / 1e6:.0f} MB, planned {predicted / 1e6:.0f}"
 
 
