@@ -138,7 +138,8 @@ def damage(src: Path, dst: Path, how: tuple) -> bool:
     if kind == "truncate":
         cut = max(0, min(len(data) - 1, int(arg * len(data))))
         dst.write_bytes(data[:cut])
-        return cut < len(data.rstrip())  # cutting only a trailing newline leaves a valid file
+        # cutting only a trailing newline, or a GGUF's zero padding after its last tensor, leaves a valid file
+        return cut < len(data.rstrip(b" \t\r\n\x00"))
     if kind == "flip":
         buf = bytearray(data)
         for f in arg:
