@@ -41,6 +41,7 @@ from alpaca_lora_cpu.training import (
     load_model,
     make_collator,
     mlflow_callback,
+    optimizers,
     peak_rss_mb,
     trainer_class,
     training_args,
@@ -145,9 +146,11 @@ def build_trainer(params: FinetuneParams, paths: Paths, tokenizer: Any, datasets
     set_seed(params.seed)
     model = load_model(paths.base, params)
     collator = make_collator(tokenizer, packing=params.packing)
-    return trainer_class()(model=model, args=training_args(params, paths.checkpoints), train_dataset=datasets[0],
-                           eval_dataset=datasets[1], data_collator=collator, processing_class=tokenizer,
-                           callbacks=[mlflow_callback(mlflow)])
+    trainer = trainer_class()(model=model, args=training_args(params, paths.checkpoints), train_dataset=datasets[0],
+                              eval_dataset=datasets[1], data_collator=collator, processing_class=tokenizer,
+                              callbacks=[mlflow_callback(mlflow)], optimizers=optimizers(model, params))
+    trainer.neftune_alpha = params.neftune_alpha
+    return trainer
 
 
 def train(trainer: Any, resume: str | None) -> tuple[float, float]:

@@ -108,6 +108,7 @@ class LoraParams:
     alpha: int
     dropout: float
     target_modules: tuple[str, ...] | str
+    use_rslora: bool  # rsLoRA: scale alpha / sqrt(r) instead of alpha / r (stable at large ranks)
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -144,6 +145,8 @@ class FinetuneParams:
     max_steps: int | None
     processes: int  # > 1: the stage starts itself under `accelerate launch` with this many processes
     accelerate_config: str  # configs/accelerate/<name>.yaml, for processes > 1
+    neftune_alpha: float | None      # NEFTune embedding noise (null = off), scaled by each example's own length
+    loraplus_lr_ratio: float | None  # LoRA+: lora_B's learning rate = this × learning_rate (null = off)
 
     def __post_init__(self) -> None:
         checks = [
@@ -164,6 +167,10 @@ class FinetuneParams:
             (self.save_steps > 0, f"finetune.save_steps must be > 0, got {self.save_steps}"),
             (self.max_steps is None or self.max_steps > 0,
              f"finetune.max_steps must be > 0 or null, got {self.max_steps}"),
+            (self.neftune_alpha is None or self.neftune_alpha > 0,
+             f"finetune.neftune_alpha must be > 0 or null, got {self.neftune_alpha}"),
+            (self.loraplus_lr_ratio is None or self.loraplus_lr_ratio >= 1,
+             f"finetune.loraplus_lr_ratio must be >= 1 or null, got {self.loraplus_lr_ratio}"),
             (self.batch_size % max(self.micro_batch_size * self.processes, 1) == 0,
              f"finetune.batch_size ({self.batch_size}) must be a multiple of micro_batch_size × processes "
              f"({self.micro_batch_size} × {self.processes})"),

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import resource
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from alpaca_lora_cpu.config import FinetuneParams, LoraParams
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.launch import world
 from alpaca_lora_cpu.packing import collator as packing_collator
-from alpaca_lora_cpu.packing import model_inputs, real_tokens
+from alpaca_lora_cpu.packing import is_packed, model_inputs, real_tokens
 from alpaca_lora_cpu.packing import register as register_packed_attention
 from alpaca_lora_cpu.tokenization import IGNORE
 
@@ -118,17 +119,57 @@ def evaluate_responses(model: Any, examples: list[dict], collator: Any, batch_si
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
 
+def example_lengths(batch: dict, shape: tuple[int, int]) -> Any:
+    """(rows, positions): the length of the example each position belongs to; 0 for padding. A packed row holds
+    several examples (`cu_seq_lens_q` boundaries); a padded row one (its attention mask's sum)."""
+    import torch
+
+    if is_packed(batch):
+        bounds = batch["cu_seq_lens_q"].to(torch.long)
+        sizes = bounds[1:] - bounds[:-1]
+        return torch.repeat_interleave(sizes, sizes).reshape(shape).to(torch.float32)
+    mask = batch["attention_mask"].to(torch.float32)
+    return mask * mask.sum(dim=1, keepdim=True)
+
+
+def neftune_noise(embeds: Any, lengths: Any, alpha: float) -> Any:
+    """NEFTune (Jain et al. 2023): embeddings + Uniform(-1, 1) · alpha / √(L·d), L the example's own length."""
+    import torch
+
+    d = embeds.shape[-1]
+    scale = torch.where(lengths > 0, alpha / torch.sqrt(lengths.clamp(min=1) * d), 0.0).to(embeds.dtype)
+    return embeds + (torch.rand_like(embeds) * 2 - 1) * scale[..., None]
+
+
+@contextmanager
+def neftune(model: Any, batch: dict, alpha: float | None):
+    """Noise on the input embeddings for the forward passes inside (training only; off when alpha is None)."""
+    if alpha is None or not model.training:
+        yield
+        return
+    lengths = example_lengths(batch, tuple(batch["input_ids"].shape))
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda _module, _args, output: neftune_noise(output, lengths.to(output.device), alpha))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def trainer_class():
-    """Trainer with the response-only loss and a count of non-pad training tokens (built lazily: heavy import)."""
+    """Trainer with the response-only loss, optional NEFTune noise and a count of non-pad training tokens (built
+    lazily: heavy import)."""
     from transformers import Trainer
 
     class FinetuneTrainer(Trainer):
         train_tokens = 0
+        neftune_alpha: float | None = None  # the project's per-example NEFTune, not TrainingArguments' own
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
                 self.train_tokens += real_tokens(inputs)
-            loss_sum, count = response_loss(model, inputs)
+            with neftune(model, inputs, self.neftune_alpha):
+                loss_sum, count = response_loss(model, inputs)
             # Normalise by the labelled tokens of the whole accumulated batch when the Trainer counted them
             # (exact gradient accumulation), else by this micro-batch's.
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
@@ -162,10 +203,22 @@ def load_model(base: Path, params: FinetuneParams):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = params.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                        task_type="CAUSAL_LM",
+                        task_type="CAUSAL_LM", use_rslora=lora.use_rslora,
                         target_modules=lora.target_modules if isinstance(lora.target_modules, str)
                         else list(lora.target_modules))
     return get_peft_model(model, config)
+
+
+def optimizers(model: Any, params: FinetuneParams) -> tuple[Any, None]:
+    """The Trainer's (optimizer, scheduler): its own AdamW (None), or LoRA+'s AdamW with lora_B at
+    `loraplus_lr_ratio` × the learning rate (PEFT's create_loraplus_optimizer); the Trainer adds the schedule."""
+    if params.loraplus_lr_ratio is None:
+        return None, None
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=params.learning_rate,
+                                     loraplus_lr_ratio=params.loraplus_lr_ratio, weight_decay=0.0), None
 
 
 def peak_rss_mb() -> float:
