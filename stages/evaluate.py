@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
-from alpaca_lora_cpu.config import EvaluateParams, as_dict, load_params
+from alpaca_lora_cpu.config import EvaluateParams, IntervalParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import read_json, read_jsonl, sha256_file, write_jsonl
+from alpaca_lora_cpu.intervals import IFEVAL
 from alpaca_lora_cpu.metrics import repeats_ngram
 from alpaca_lora_cpu.openers import load_npz
 from alpaca_lora_cpu.prompts import cut_at_stop, leaks_template, stop_sequences
@@ -53,12 +54,14 @@ def load_reference(ref_dir: Path) -> Reference:
     return Reference(meta, arrays, prompts)
 
 
-def score(gguf: Path, ref: Reference, threads: int) -> dict:
-    """Perplexity and the KLD statistics of the variant over every reference response position."""
+def score(gguf: Path, ref: Reference, threads: int, iv: IntervalParams) -> dict:
+    """Perplexity and the KLD statistics of the variant over every reference response position, with the
+    per-record sums the intervals and the report's paired comparisons resample (one entry per record)."""
     from tqdm import tqdm
 
     from alpaca_lora_cpu.llama import open_llama, response_logits
     from alpaca_lora_cpu.metrics import TopK, compare_logits, summarize
+    from alpaca_lora_cpu.stats import quantile_ci
 
     a = ref.arrays
     offsets, n_prompt = a["offsets"], a["n_prompt"]
@@ -79,46 +82,58 @@ def score(gguf: Path, ref: Reference, threads: int) -> dict:
             pos += n
     if pos != len(a["target_logp"]):
         raise StageError(f"internal: scored {pos} positions, the reference has {len(a['target_logp'])}")
-    return summarize({k: np.concatenate(v) for k, v in parts.items()})
+    per_record = {"positions": [len(x) for x in parts["kld"]],
+                  "logp": [float(np.sum(x)) for x in parts["target_logp"]],
+                  "kld": [float(np.sum(x)) for x in parts["kld"]],
+                  "top1": [int(np.sum(x)) for x in parts["same_top1"]],
+                  "dp2": [float(np.sum(x ** 2)) for x in parts["delta_p"]]}
+    record_of = np.repeat(np.arange(len(parts["kld"])), per_record["positions"])
+    kld = np.concatenate(parts["kld"])
+    p99 = quantile_ci(kld, record_of, 0.99, iv.resamples, iv.confidence, iv.seed)
+    return {**summarize({k: np.concatenate(v) for k, v in parts.items()}), "per_record": per_record,
+            "kld_p99_ci": list(p99)}
 
 
 def generate_all(gguf: Path, ref: Reference, threads: int, max_new_tokens: int, template: str,
                  extra_stops: tuple[str, ...]) -> list[dict]:
-    """Greedy answers without stop sequences (`raw`, what the instruction-following metrics judge), and each
-    cut where the project's stop sequences would end it (`text`, what users see, ROUGE and the report use)."""
+    """Greedy answers without stop sequences (`raw`, what the stop/leak/repeat rates judge), and each cut where
+    the project's stop sequences would end it (`text`, what users see, what ROUGE, the instruction checks and the
+    report use); per answer its judgements, so that the rates resample by answer."""
+    from rouge_score import rouge_scorer
     from tqdm import tqdm
 
+    from alpaca_lora_cpu.ifeval import check
     from alpaca_lora_cpu.llama import eos_text, generate, open_llama
 
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rows = []
     with open_llama(gguf, threads=threads, n_ctx=2048) as llm:
         stops = stop_sequences(template, extra_stops, end_token=eos_text(llm))
         for p in tqdm(ref.prompts, desc=f"generating {gguf.name}", unit="prompt"):
-            g = generate(llm, p["prompt"], max_new_tokens)
-            rows.append({"kind": p["kind"], "id": p["id"], "instruction": p.get("instruction"),
-                         "text": cut_at_stop(g.text, stops), "raw": g.text, "tokens": g.tokens, "eos": g.stopped})
+            g = generate(llm, p["prompt"], p.get("max_new_tokens") or max_new_tokens)
+            text = cut_at_stop(g.text, stops)
+            row = {"kind": p["kind"], "id": p["id"], "instruction": p.get("instruction"), "text": text,
+                   "raw": g.text, "tokens": g.tokens, "eos": g.stopped, "leak": leaks_template(g.text),
+                   "loop": repeats_ngram(g.text)}
+            if p["kind"] == "val":
+                row["rouge_l"] = scorer.score(p["reference"], text)["rougeL"].fmeasure
+            if p["kind"] == IFEVAL:
+                row[IFEVAL] = check(text, p["check"])
+            rows.append(row)
     return rows
 
 
-def generation_metrics(rows: list[dict], ref: Reference) -> dict:
+def generation_metrics(rows: list[dict]) -> dict:
     """ROUGE-L F1 (rouge-score, stemmed) of the cut answers against the reference outputs; on the raw answers:
     the share that ended with EOS before the limit, that wrote an Alpaca header (a template leak), that repeat
-    a 4-gram 3 or more times, and their mean length in tokens."""
-    from rouge_score import rouge_scorer
+    a 4-gram 3 or more times, and their mean length in tokens; IFEval's strict and loose accuracies (prompt and
+    instruction level) on the cut answers to the instruction-following prompts."""
+    from alpaca_lora_cpu.intervals import answers, point
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    refs = {(p["kind"], p["id"]): p["reference"] for p in ref.prompts}
-    rouge = [scorer.score(refs[(r["kind"], r["id"])], r["text"])["rougeL"].fmeasure
-             for r in rows if r["kind"] == "val"]
-    return {
-        "rouge_l": float(np.mean(rouge)) if rouge else None,
-        "rouge_prompts": len(rouge),
-        "answer_tokens": float(np.mean([r["tokens"] for r in rows])),
-        "stop_rate": float(np.mean([r["eos"] for r in rows])),
-        "leak_rate": float(np.mean([leaks_template(r["raw"]) for r in rows])),
-        "loop_rate": float(np.mean([repeats_ngram(r["raw"]) for r in rows])),
-        "generated_prompts": len(rows),
-    }
+    return {"rouge_l": None, **point(answers(rows)),
+            "rouge_prompts": sum(r["kind"] == "val" for r in rows),
+            "ifeval_prompts": sum(r["kind"] == IFEVAL for r in rows),
+            "generated_prompts": len(rows)}
 
 
 def check_inputs(variant: str, gguf: Path, ref_dir: Path) -> Reference:
@@ -129,7 +144,7 @@ def check_inputs(variant: str, gguf: Path, ref_dir: Path) -> Reference:
     return load_reference(ref_dir)
 
 
-def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams, template: str,
+def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams, iv: IntervalParams, template: str,
         extra_stops: tuple[str, ...]) -> tuple[dict, list[dict]]:
     from alpaca_lora_cpu.llama import bench, system_info
 
@@ -137,7 +152,7 @@ def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams, templa
     if variant == FINETUNED and gguf_sha != ref.meta["gguf_sha256"]:
         raise StageError(f"variant {variant}: {gguf} differs from the file the reference was computed on "
                          f"({ref.meta['gguf']}); rerun the reference stage")
-    quality = score(gguf, ref, params.threads)
+    quality = score(gguf, ref, params.threads, iv)
     rows = generate_all(gguf, ref, params.threads, params.max_new_tokens, template, extra_stops)
     speed = bench(gguf, threads=params.threads, prompt_tokens=params.speed.prompt_tokens,
                   gen_tokens=params.speed.gen_tokens, runs=params.speed.runs)
@@ -149,12 +164,21 @@ def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams, templa
         "size_mb": size / 1e6,
         "bits_per_weight": speed["tensor_bytes"] * 8 / speed["n_params"],
         **quality,
-        **generation_metrics(rows, ref),
+        **generation_metrics(rows),
         "speed": speed,
         "max_new_tokens": params.max_new_tokens,
         "llama_cpp": system_info(),
     }
+    metrics["ci"] = with_intervals(metrics, rows, iv)
     return metrics, rows
+
+
+def with_intervals(metrics: dict, rows: list[dict], iv: IntervalParams) -> dict[str, list[float]]:
+    """name → [lo, hi] (`intervals.resamples` record-bootstrap resamples; speed: the range of the runs)."""
+    from alpaca_lora_cpu.intervals import intervals, statistics
+
+    out = intervals(statistics(metrics, rows), metrics["speed"], iv.resamples, iv.confidence, iv.seed)
+    return {**out, "kld_p99": metrics.pop("kld_p99_ci")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,12 +198,16 @@ def main(argv: list[str] | None = None) -> None:
     logged = {"variant": args.variant, "imatrix": v.imatrix, "recipe": v.recipe or "none", "kind": v.kind,
               "gguf": str(args.gguf),
               "threads": params.threads, "max_new_tokens": params.max_new_tokens, "speed": as_dict(params.speed),
-              "prompt": as_dict(config.prompt), "generate": {"stop": list(config.generate.stop)}}
+              "prompt": as_dict(config.prompt), "generate": {"stop": list(config.generate.stop)},
+              "intervals": as_dict(config.intervals)}
     with stage_run("evaluate", logged, run_name=f"evaluate {args.variant}") as mlflow:
-        metrics, rows = run(args.variant, args.gguf, ref, params, config.prompt.template, config.generate.stop)
+        metrics, rows = run(args.variant, args.gguf, ref, params, config.intervals, config.prompt.template,
+                            config.generate.stop)
         write_jsonl(args.generations, rows)
         # The same flat keys for every variant: one row each of `dvc metrics show`, one chart each in MLflow.
         write_stage_metrics(mlflow, args.metrics, metrics, flat_paths())
+        mlflow.log_metrics({f"{k}_ci_{end}": v for k, (lo, hi) in metrics["ci"].items()
+                            for end, v in (("lo", lo), ("hi", hi)) if np.isfinite(v)})
         mlflow.set_tags({"variant": args.variant, "eval_run_id": metrics["run_id"]})
         mlflow.log_artifact(str(args.generations))
     log.info("%s: PPL %.3f, KLD %.5f, top-1 %.1f%%, gen %.1f tok/s", args.variant, metrics["ppl"],

@@ -4,7 +4,9 @@ Run: python -m stages.prepare --params params.yaml --out data/prepared --metrics
 
 `data.source` is a Hugging Face Hub dataset id (default yahma/alpaca-cleaned) or a local .json/.jsonl/.parquet
 file, of records in the `data.format` layout (alpaca, sharegpt or messages: alpaca_lora_cpu/records.py). When the
-Hub cannot be reached, the bundled sample of that layout (data/sample/) is used instead, all of it, with a warning;
+Hub cannot be reached, the bundled sample of that layout (data/sample/) is used instead, all of it, with a warning,
+and for Alpaca also data/sample/alpaca_heldout.json, records written for the project that go into the validation
+split only (more held-out records for the report's comparisons, the same training data);
 the source actually used is recorded in the manifest, the metrics and MLflow. The splits hold normalized records
 (Alpaca records, or `messages` conversations), the shapes every later stage reads through prompts.to_turns.
 """
@@ -18,7 +20,7 @@ from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import DataParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, ensure_writable, sha256_file, write_json, write_jsonl
-from alpaca_lora_cpu.records import Loaded, clean, load_source, shape_counts
+from alpaca_lora_cpu.records import Loaded, clean, clean_heldout, load_source, shape_counts
 
 log = logging.getLogger("prepare")
 
@@ -41,6 +43,8 @@ def run(params: DataParams, out_dir: Path, loaded: Loaded | None = None) -> dict
     loaded = loaded or load_source(params.source, params.format)
     records, dropped = clean(loaded, params.on_invalid)
     train, val = sample_split(records, params, take_all=loaded.fallback)
+    heldout = clean_heldout(loaded, params.on_invalid, records)
+    val = val + heldout
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         write_jsonl(tmp / "train.jsonl", train)
@@ -56,6 +60,7 @@ def run(params: DataParams, out_dir: Path, loaded: Loaded | None = None) -> dict
             "format_used": loaded.format,
             "train_records": len(train),
             "val_records": len(val),
+            "heldout_records": len(heldout),
             **shape_counts(train + val),
             "sha256": {name: sha256_file(tmp / name) for name in ("train.jsonl", "val.jsonl")},
             "params": as_dict(params),
@@ -66,7 +71,7 @@ def run(params: DataParams, out_dir: Path, loaded: Loaded | None = None) -> dict
 
 def metrics_of(manifest: dict) -> dict:
     keys = ("source_used", "format_used", "offline_fallback", "records_in_source", "records_valid", "dropped",
-            "train_records", "val_records", "with_input", "multi_turn")
+            "train_records", "val_records", "heldout_records", "with_input", "multi_turn")
     return {k: manifest[k] for k in keys}
 
 

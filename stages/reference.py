@@ -1,8 +1,8 @@
 """reference: the evaluation set and the fine-tuned reference GGUF's next-token distributions on it, computed once.
 
 Run: python -m stages.reference --params params.yaml --gguf models/gguf/finetuned-reference.gguf \
-         --merged models/merged --val data/prepared/val.jsonl --out models/reference \
-         --metrics reports/metrics/reference.json
+         --merged models/merged --val data/prepared/val.jsonl --ifeval data/ifeval/prompts.jsonl \
+         --out models/reference --metrics reports/metrics/reference.json
 
 - Renders the held-out records with the prompt template (alpaca_lora_cpu/prompts.py: a conversation's last answer
   after everything before it) and tokenizes prompt and response with the GGUF's own tokenizer (prompt masked: only
@@ -10,8 +10,9 @@ Run: python -m stages.reference --params params.yaml --gguf models/gguf/finetune
 - Runs finetuned (llama.cpp, like `llama-perplexity --kl-divergence-base`) and stores, per response
   position, its top-`reference.top_k` log-probs, the exact log-mass of the rest and the correct token's
   log-prob (see src/alpaca_lora_cpu/metrics.py for why that is enough for KLD, top-1 and Δp).
-- Stores the prompts every variant answers: the first `reference.generate_records` validation prompts and the
-  fixed `reference.showcase_prompts`.
+- Stores the prompts every variant answers: the first `reference.generate_records` validation prompts, the
+  fixed `reference.showcase_prompts` and the first `reference.ifeval_prompts` instruction-following prompts of
+  `--ifeval` (data/ifeval/prompts.jsonl), each with the rules its answer is checked by.
 - Caps both by the model's size: records are scored while parameters × their tokens stay within
   `reference.max_scored_ptokens`, answers kept while parameters × answers × `evaluate.max_new_tokens` stay within
   `reference.max_generated_ptokens` (the same cut on every machine; no cut for the 135M default).
@@ -34,6 +35,7 @@ from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import ReferenceParams, SpeedParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, read_jsonl, sha256_file, write_json, write_jsonl
+from alpaca_lora_cpu.intervals import IFEVAL
 from alpaca_lora_cpu.prompts import last_turn, render, to_turns
 
 log = logging.getLogger("reference")
@@ -162,28 +164,53 @@ def hf_speed(merged: Path, threads: int, speed: SpeedParams) -> dict:
     return {"load_s": load_s, **speed_runs(pp, tg, speed.runs), "threads": threads, "torch": torch.__version__}
 
 
-def run_id_of(gguf_sha: str, val_sha: str, params: ReferenceParams, template: str) -> str:
+def ifeval_rows(prompts: list[dict], params: ReferenceParams, template: str, chat: str | None) -> list[dict]:
+    """The instruction-following prompts as prompts every variant answers, each with the rules its answer is
+    checked against (alpaca_lora_cpu/ifeval.py)."""
+    return [{"kind": IFEVAL, "id": p["key"], "instruction": p["prompt"], "reference": None,
+             "prompt": render(template, p["prompt"], "", chat), "max_new_tokens": params.ifeval_max_new_tokens,
+             "check": {k: p[k] for k in ("prompt", "instruction_id_list", "kwargs")}} for p in prompts]
+
+
+def source_of(val: Path) -> str:
+    """Which data the validation split was drawn from (the prepare stage's manifest beside it), for the report's
+    labels: the bundled sample's own held-out part is not the real distribution."""
+    from alpaca_lora_cpu.files import read_json
+
+    manifest = val.parent / "manifest.json"
+    if not manifest.is_file():
+        return "unknown (no manifest beside the validation split)"
+    m = read_json(manifest, "prepare manifest")
+    return f"{m.get('source_used')} (held-out split{', offline fallback' if m.get('offline_fallback') else ''})"
+
+
+def run_id_of(gguf_sha: str, val_sha: str, params: ReferenceParams, template: str, checks: list[dict]) -> str:
     """An identifier of exactly what was measured: the reference model, the data and how it was scored."""
-    blob = json.dumps({"gguf": gguf_sha, "val": val_sha, "params": as_dict(params), "template": template},
-                      sort_keys=True)
+    blob = json.dumps({"gguf": gguf_sha, "val": val_sha, "params": as_dict(params), "template": template,
+                       "ifeval": checks}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def check_inputs(gguf: Path, merged: Path, val: Path) -> list[dict]:
-    """The validation records, once every input is known to be there (before any model is loaded)."""
-    records = read_val(val)
+def check_inputs(gguf: Path, merged: Path, val: Path, ifeval: Path) -> tuple[list[dict], list[dict]]:
+    """The validation records and the instruction-following prompts, once every input is known to be there
+    (before any model is loaded)."""
+    from alpaca_lora_cpu.ifeval import load_prompts
+
+    records, prompts = read_val(val), load_prompts(ifeval)
     if not gguf.is_file():
         raise StageError(f"reference model {gguf} not found (run the convert stage)")
     if not (merged / "config.json").is_file():
         raise StageError(f"merged checkpoint {merged} not found (run the merge stage)")
-    return records
+    return records, prompts
 
 
 def run(params: ReferenceParams, template: str, threads: int, speed: SpeedParams, gguf: Path, merged: Path,
-        val: Path, records: list[dict], out_dir: Path, max_new_tokens: int = 256) -> dict:
+        val: Path, records: list[dict], out_dir: Path, max_new_tokens: int = 256,
+        ifeval: list[dict] | None = None) -> dict:
     from alpaca_lora_cpu.gguf_files import chat_template, check_gguf
 
     records = records[:params.max_records] if params.max_records else records
+    ifeval = ifeval or []
     pairs = prompt_pairs(records, template, gguf, val)
     seqs, n_vocab, n_params = tokenized(gguf, pairs, params, threads)
     n_scored = within([len(ids) * n_params for ids, _ in seqs], params.max_scored_ptokens)
@@ -193,13 +220,14 @@ def run(params: ReferenceParams, template: str, threads: int, speed: SpeedParams
             for i in range(min(params.generate_records or n_scored, n_scored))]
     rows += [{"kind": "showcase", "id": i, "instruction": text, "prompt": render(template, text, "", chat),
               "reference": None} for i, text in enumerate(params.showcase_prompts)]
-    answers = within([n_params * max_new_tokens] * len(rows), params.max_generated_ptokens)
+    rows += ifeval_rows(ifeval[:params.ifeval_prompts], params, template, chat)
+    answers = within([n_params * r.get("max_new_tokens", max_new_tokens) for r in rows], params.max_generated_ptokens)
     rows = answered(rows, answers)
     n_gen = sum(r["kind"] == "val" for r in rows)
     gguf_sha, val_sha = sha256_file(gguf), sha256_file(val)
     arrays = score_reference(gguf, seqs, params, threads)
     hf = hf_speed(merged, threads, speed)
-    run_id = run_id_of(gguf_sha, val_sha, params, template)
+    run_id = run_id_of(gguf_sha, val_sha, params, template, [r["check"] for r in rows if r["kind"] == IFEVAL])
     meta = {
         "run_id": run_id, "gguf": str(gguf), "gguf_sha256": gguf_sha, "val": str(val), "val_sha256": val_sha,
         "records": n_scored, "positions": int(len(arrays["target_logp"])), "n_vocab": n_vocab,
@@ -215,6 +243,9 @@ def run(params: ReferenceParams, template: str, threads: int, speed: SpeedParams
     return {"run_id": run_id, "records": meta["records"], "positions": meta["positions"],
             "records_cut_by_budget": len(records) - n_scored, "parameters": n_params,
             "generate_prompts": n_gen, "showcase_prompts": sum(r["kind"] == "showcase" for r in rows),
+            "ifeval_prompts": sum(r["kind"] == IFEVAL for r in rows),
+            "ifeval_instructions": sum(len(r["check"]["instruction_id_list"]) for r in rows if r["kind"] == IFEVAL),
+            "val_source": source_of(val),
             "top_k": params.top_k, "reference_ppl": perplexity(arrays["target_logp"]),
             "gguf_sha256": gguf_sha, "val_sha256": val_sha, "hf_fp32": hf}
 
@@ -226,10 +257,11 @@ METRICS = {"ppl": "reference_ppl", "hf_gen_tps": "hf_fp32.gen_tps", "hf_prompt_t
 
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "gguf", "merged", "val", "out", "metrics")
+    ap.add_argument("--ifeval", type=Path, required=True, help="instruction-following prompts (JSONL, IFEval's format)")
     args = parse_args(ap, argv)
     config = load_params(args.params)
     params, template, ev = config.reference, config.prompt.template, config.evaluate
-    records = check_inputs(args.gguf, args.merged, args.val)
+    records, ifeval = check_inputs(args.gguf, args.merged, args.val, args.ifeval)
     from alpaca_lora_cpu.cost import check_mapped
 
     check_mapped("reference", args.gguf, "convert.outtype (q8_0: a smaller reference)")
@@ -239,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
                                  "evaluate": {"threads": ev.threads, "speed": as_dict(ev.speed),
                                               "max_new_tokens": ev.max_new_tokens}}) as mlflow:
         metrics = run(params, template, ev.threads, ev.speed, args.gguf, args.merged, args.val, records, args.out,
-                      ev.max_new_tokens)
+                      ev.max_new_tokens, ifeval)
         # a skipped transformers speed row leaves its two numbers out
         write_stage_metrics(mlflow, args.metrics, metrics, METRICS, strict=False)
         mlflow.set_tags({"eval_run_id": metrics["run_id"]})

@@ -9,11 +9,11 @@ Run: python -m stages.report --params params.yaml --evaluated reports/metrics/ev
 
 The table (a row per variant: base, finetuned, each quantize.types entry; a column per metric_table row), the
 quality/size and speed/size plots, the training loss curve, base vs fine-tuned answers to the fixed prompts, the
-environment, and each target of the project stated as met or missed with its numbers
-(alpaca_lora_cpu/report/). Refuses records from different pipeline runs (their `run_id`s differ from the
-reference's) and names any variant without them. Onto the pipeline's MLflow run it logs the headline metrics,
-the report and the recommended model (lowest mean KLD within report.recommend_max_mb), registered as a new
-version of the MLflow model `alpaca-lora-cpu-gguf`.
+environment, the instruction-following table, and each target of the project stated as met, missed or undecided on
+its 95% interval (paired bootstrap for every comparison; alpaca_lora_cpu/report/). Refuses records from different
+pipeline runs (their `run_id`s differ from the reference's) and names any variant without them. Onto the pipeline's
+MLflow run it logs the headline metrics, the report and the recommended model (lowest mean KLD within
+report.recommend_max_mb), registered as a new version of the MLflow model `alpaca-lora-cpu-gguf`.
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
-from alpaca_lora_cpu.config import QuantizeParams, ReportParams, load_params
+from alpaca_lora_cpu.config import IntervalParams, QuantizeParams, ReportParams, load_params
 from alpaca_lora_cpu.files import atomic_path, write_csv, write_text
 from alpaca_lora_cpu.metric_table import flat_paths, row
 from alpaca_lora_cpu.report import inputs, markdown, plots
-from alpaca_lora_cpu.report.targets import all_targets, recommend
-from alpaca_lora_cpu.variants import FINETUNED, gguf_stem, names, parse
+from alpaca_lora_cpu.report.targets import Evidence, all_targets, counts, difference, ratio_of, recommend
+from alpaca_lora_cpu.variants import BASE, FINETUNED, IMAT, gguf_stem, names, parse
 
 log = logging.getLogger("report")
 
@@ -40,9 +40,36 @@ class Outputs:
     table: Path    # reports/plots/evaluate.csv (dvc plots draws it)
 
 
-def table_rows(found: inputs.Inputs, quantize: QuantizeParams) -> list[dict]:
+def table_rows(found: inputs.Inputs, quantize: QuantizeParams, e: Evidence) -> list[dict]:
+    """A row per variant: its metric_table numbers and their intervals (`ci`); ΔPPL's is paired with finetuned."""
     ref = found.variants[FINETUNED]
-    return [{"variant": v, "kind": parse(v, quantize.recipes).kind, **row(m, ref)} for v, m in found.variants.items()]
+    out = []
+    for v, m in found.variants.items():
+        ci = {**m["ci"], "delta_ppl": list(e.pair(v, FINETUNED, "ppl", difference)[1:])}
+        out.append({"variant": v, "kind": parse(v, quantize.recipes).kind, **row(m, ref), "ci": ci})
+    return out
+
+
+def paired_following(e: Evidence) -> dict[str, tuple]:
+    """Prompt-level strict IF accuracy, paired: fine-tuned − base, every other variant − finetuned."""
+    out = {}
+    for v, stats in e.stats.items():
+        against = BASE if v == FINETUNED else FINETUNED
+        if v != BASE and "if_prompt_strict" in stats and "if_prompt_strict" in e.stats.get(against, {}):
+            out[v] = (*e.pair(v, against, "if_prompt_strict", difference), against)
+    return out
+
+
+def csv_rows(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The table behind `dvc plots`: every number, and each interval as <name>_lo / <name>_hi."""
+    flat = []
+    for r in rows:
+        out = {k: round(x, 6) if isinstance(x, float) else x for k, x in r.items() if k not in ("kind", "ci")}
+        for k, (lo, hi) in sorted(r["ci"].items()):
+            out[f"{k}_lo"], out[f"{k}_hi"] = round(lo, 6), round(hi, 6)
+        flat.append(out)
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    return flat, fields
 
 
 def draw(rows: list[dict], found: inputs.Inputs, folder: Path, report: Path) -> dict[str, str]:
@@ -59,26 +86,29 @@ def draw(rows: list[dict], found: inputs.Inputs, folder: Path, report: Path) -> 
     return figures
 
 
-def run(goal: ReportParams, quantize: QuantizeParams, src: inputs.Sources, out: Outputs,
+def run(goal: ReportParams, quantize: QuantizeParams, iv: IntervalParams, src: inputs.Sources, out: Outputs,
         found: inputs.Inputs | None = None) -> dict:
     found = found or inputs.load(names(quantize.types), src)
-    rows = table_rows(found, quantize)
-    goals = all_targets(found.variants, goal, found.reference["hf_fp32"], quantize.recipes)
-    section = markdown.quantization_section(found.variants, goal.budget_variants, found.calibration, found.search)
+    e = Evidence.of(found.variants, found.generations, iv, found.reference["hf_fp32"],
+                    found.reference.get("val_source", "the validation split"))
+    rows = table_rows(found, quantize, e)
+    goals = all_targets(e, goal, quantize.recipes)
+    changes = {level.removesuffix(IMAT): e.pair(level, level.removesuffix(IMAT), "kld_mean", ratio_of)
+               for level in found.variants if level.endswith(IMAT) and level.removesuffix(IMAT) in found.variants}
+    section = markdown.quantization_section(found.variants, goal.budget_variants, found.calibration, found.search,
+                                            changes)
+    following = markdown.instruction_following(rows, paired_following(e), found.reference)
     figures = draw(rows, found, out.figures, out.report)
     note = f"*No training loss curve: no loss data found in {src.loss}/ (the finetune stage writes it).*"
-    write_text(out.report, markdown.render(found, rows, goals, figures, note, section))
-    fields = ["variant", *(k for k in rows[0] if k not in ("variant", "kind"))]
-    write_csv(out.table, [{k: round(r[k], 6) if isinstance(r[k], float) else r[k] for k in fields} for r in rows],
-              fields)
+    write_text(out.report, markdown.render(found, rows, goals, figures, note, section, following))
+    write_csv(out.table, *csv_rows(rows))
     recommended = recommend(found.variants, set(quantize.types), goal.recommend_max_mb)
     if recommended is None:
         log.warning("no quantized variant is within report.recommend_max_mb = %g MB: nothing recommended",
                     goal.recommend_max_mb)
-    return {"run_id": found.reference["run_id"], "variants": len(rows),
-            "targets_met": sum(g["met"] is True for g in goals),
-            "targets_missed": sum(g["met"] is False for g in goals),
-            "targets": {g["target"]: g["met"] for g in goals}, "recommended": recommended}
+    return {"run_id": found.reference["run_id"], "variants": len(rows), **counts(goals),
+            "targets": {g["target"]: {"status": g["status"], "numbers": g["numbers"]} for g in goals},
+            "recommended": recommended}
 
 
 # The DVC metric (report.json): the recommended model's flat numbers, under the evaluate metrics' names so that its
@@ -107,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with stage_run("report", {"evaluated": str(args.evaluated),
                               "report": {"recommend_max_mb": params.report.recommend_max_mb}}) as mlflow:
-        metrics = run(params.report, params.quantize, src, Outputs(args.out, args.figures, args.table), found)
+        outputs = Outputs(args.out, args.figures, args.table)
+        metrics = run(params.report, params.quantize, params.intervals, src, outputs, found)
         # No recommendation (nothing within the budget): an empty row rather than a failed report.
         write_stage_metrics(mlflow, args.metrics, metrics, metric_keys(), strict=False)
         mlflow.set_tags({"eval_run_id": metrics["run_id"]})
@@ -121,8 +152,9 @@ def main(argv: list[str] | None = None) -> None:
             model = (stem.with_suffix(".gguf"), stem.with_suffix(".Modelfile"))
         version = publish(mlflow, headline_metrics(found, metrics), [args.out, Path(args.params), Path("dvc.lock")],
                           args.figures, model, rec)
-    log.info("wrote %s (%d variants; targets met %d, missed %d); report attached to %d variant runs", args.out,
-             metrics["variants"], metrics["targets_met"], metrics["targets_missed"], attached)
+    log.info("wrote %s (%d variants; targets met %d, missed %d, undecided %d); report attached to %d variant runs",
+             args.out, metrics["variants"], metrics["targets_met"], metrics["targets_missed"],
+             metrics["targets_undecided"], attached)
     if version:
         log.info("recommended %s (mean KLD %.4f, %.1f MB) → MLflow model %s version %s", rec["variant"],
                  rec["kld_mean"], rec["size_mb"], REGISTERED_MODEL, version)

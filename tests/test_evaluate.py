@@ -21,7 +21,9 @@ def small_params(dst: Path) -> Path:
     doc = yaml.safe_load((ROOT / "params.yaml").read_text())
     doc["reference"].update(max_records=None, max_response_tokens=12, top_k=32, generate_records=2,
                             showcase_prompts=["Building a website can be done in 10 simple steps:",
-                                              "Tell me about alpacas."])
+                                              "Tell me about alpacas."],
+                            ifeval_prompts=3, ifeval_max_new_tokens=6)
+    doc["intervals"]["resamples"] = 500
     doc["evaluate"].update(threads=2, max_new_tokens=6, speed={"prompt_tokens": 32, "gen_tokens": 8, "runs": 3})
     doc["quantize"]["types"] = QUANTS  # the variants evaluated here: base, finetuned and these
     path = dst / "params.yaml"
@@ -52,8 +54,8 @@ def run_in(d: Path, module: str, *args: str):
 
 def reference(d: Path, val: str = "data/prepared/val.jsonl", out: str = "models/reference"):
     return run_in(d, "stages.reference", "--params", "params.yaml", "--gguf", "models/gguf/finetuned-reference.gguf",
-                  "--merged", "models/merged", "--val", val, "--out", out, "--metrics",
-                  "reports/metrics/reference.json")
+                  "--merged", "models/merged", "--val", val, "--ifeval", str(ROOT / "data/ifeval/prompts.jsonl"),
+                  "--out", out, "--metrics", "reports/metrics/reference.json")
 
 
 def evaluate(d: Path, variant: str, stem: str):
@@ -113,9 +115,17 @@ def test_reference_metrics_of_each_variant(evaluated):
         assert m["run_id"] == ref["run_id"] and m["positions"] == ref["positions"]
         assert m["speed"]["threads"] == 2 and len(m["speed"]["gen_tps_runs"]) == 3 and m["speed"]["peak_rss_mb"] > 0
         assert 0 <= m["stop_rate"] <= 1 and 0 <= m["leak_rate"] <= 1 and 0 <= m["loop_rate"] <= 1
-        assert m["answer_tokens"] > 0 and 0 <= m["rouge_l"] <= 1 and m["generated_prompts"] == 4
+        assert m["answer_tokens"] > 0 and 0 <= m["rouge_l"] <= 1 and m["generated_prompts"] == 7
+        assert m["ifeval_prompts"] == 3 and 0 <= m["if_inst_strict"] <= 1 and 0 <= m["if_prompt_loose"] <= 1
+        assert len(m["per_record"]["kld"]) == ref["records"] and sum(m["per_record"]["positions"]) == m["positions"]
+        # every figure's interval holds its point estimate; a 3-record bootstrap still has some width for q4_0
+        for name, (lo, hi) in m["ci"].items():
+            point = m["speed"][name] if name in ("gen_tps", "prompt_tps") else m[name]
+            assert lo - 1e-9 <= point <= hi + 1e-9, (name, lo, point, hi)
+    assert q4["ci"]["kld_mean"][1] > q4["ci"]["kld_mean"][0]
     rows = [json.loads(x) for x in (evaluated / "reports/evaluate/q4_0.generations.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in rows] == ["val", "val", "showcase", "showcase"]
+    assert [r["kind"] for r in rows] == ["val", "val", "showcase", "showcase", "ifeval", "ifeval", "ifeval"]
+    assert all(len(r["ifeval"]["strict"]) == len(r["ifeval"]["loose"]) >= 1 for r in rows if r["kind"] == "ifeval")
     assert all(r["tokens"] <= 6 for r in rows)
     assert all(r["raw"].startswith(r["text"]) for r in rows)  # the answer is the raw generation, cut at a stop
 
@@ -126,17 +136,23 @@ def test_report_table_targets_plots(evaluated):
     for variant in VARIANTS:
         assert f"| {variant} |" in text
     assert "Building a website can be done in 10 simple steps:" in text
-    # PPL ratio, leaks, repetition (vs base), q8_0 KLD, q8_0 top-1, q4_0 speed, the best variant within q4_0's
-    # size; the imatrix targets have no -imat variants here, so they are "not measured"
-    assert text.count("**met**") + text.count("**missed**") == 7
+    # PPL ratio, leaks, repetition, instruction following (vs base), q8_0 KLD, q8_0 top-1, q4_0 speed, the best
+    # variant within q4_0's size; the imatrix targets have no -imat variants here, so they are "not measured"
+    decided = text.count("**met**") + text.count("**missed**") + text.count("*undecided*")
+    assert decided == 8 and "3 not measured (95% intervals" in text
     assert "not measured: imatrix effect on q4_0" in text and "## Quantization" in text
+    assert "## Instruction following" in text and "vs base |" in text and "vs finetuned |" in text
+    assert "fine-tuned response PPL ≤ 0.95 × the base model's (on " in text
+    assert text.count(" [") > 4 * len(VARIANTS)  # intervals in the variants table
     assert "| finetuned | q4_0 |" in text  # the quantization comparison, without the q2_k not evaluated
     for png in ("quality_vs_size.png", "speed_vs_size.png", "training_loss.png"):
         assert (evaluated / "reports/figures" / png).stat().st_size > 5000
     table = (evaluated / "reports/plots/evaluate.csv").read_text().splitlines()
     assert table[0].startswith("variant,size_mb,") and len(table) == 1 + len(VARIANTS)
+    assert "kld_mean_lo" in table[0] and "if_prompt_strict_hi" in table[0]
     summary = json.loads((evaluated / "reports/metrics/report.details.json").read_text())
-    assert summary["variants"] == 4 and summary["targets_met"] + summary["targets_missed"] == 7
+    assert summary["variants"] == 4
+    assert summary["targets_met"] + summary["targets_missed"] + summary["targets_undecided"] == 8
     # report.json: the recommended model's numbers, under the evaluate metrics' names
     flat = json.loads((evaluated / "reports/metrics/report.json").read_text())
     best = metrics(evaluated, summary["recommended"]["variant"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from helpers import ROOT, make_records, run_module, write_records
@@ -116,6 +117,22 @@ def test_hub_other_errors_are_not_masked(monkeypatch):
     monkeypatch.setattr(prepare, "read_hub", missing)
     with pytest.raises(StageError, match="cannot load from the Hugging Face Hub"):
         load_source("nobody/nothing")
+
+
+def test_offline_heldout_records_go_to_validation_only(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_source("yahma/alpaca-cleaned")
+    heldout = json.loads((ROOT / "data/sample/alpaca_heldout.json").read_text())
+    assert len(loaded.heldout) == len(heldout) >= 40 and validate(heldout, "alpaca", "error")[0] == heldout
+    # one held-out record that repeats a training record must not count as held out
+    leaked = replace(loaded, heldout=(*loaded.heldout, loaded.records[0]))
+    manifest = run(params("yahma/alpaca-cleaned", fraction=0.01, val_size=0.1), tmp_path / "out", leaked)
+    train = [json.loads(x) for x in (tmp_path / "out/train.jsonl").read_text().splitlines()]
+    val = [json.loads(x) for x in (tmp_path / "out/val.jsonl").read_text().splitlines()]
+    assert manifest["heldout_records"] == len(heldout) and manifest["train_records"] == len(loaded.records) - 18
+    assert val[-len(heldout):] == heldout and len(val) == 18 + len(heldout)
+    assert not {json.dumps(r, sort_keys=True) for r in train} & {json.dumps(r, sort_keys=True) for r in val}
 
 
 def test_bundled_sample_is_valid_alpaca():

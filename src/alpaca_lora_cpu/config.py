@@ -292,9 +292,12 @@ class ReferenceParams:
     showcase_prompts: tuple[str, ...]  # fixed instructions answered by every variant, shown in the report
     max_scored_ptokens: float     # records scored stop where parameters × their tokens reach this
     max_generated_ptokens: float  # answers stop where parameters × answers × evaluate.max_new_tokens reach this
+    ifeval_prompts: int | None    # instruction-following prompts every variant answers (null = all bundled)
+    ifeval_max_new_tokens: int    # greedy generation limit of those answers
 
     def __post_init__(self) -> None:
-        for key in ("max_records", "generate_records"):
+        check_min("reference", self, 1, "ifeval_max_new_tokens")
+        for key in ("max_records", "generate_records", "ifeval_prompts"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"reference.{key} must be >= 1 or null, got {value}")
@@ -328,6 +331,20 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class IntervalParams:
+    resamples: int       # bootstrap resamples of the records (every interval and paired comparison)
+    confidence: float    # interval coverage, e.g. 0.95
+    seed: int            # the resampling seed: the same records are resampled the same way for every variant
+
+    def __post_init__(self) -> None:
+        if self.resamples < 200:
+            raise ValueError(f"intervals.resamples must be >= 200 (a percentile interval's ends need them), "
+                             f"got {self.resamples}")
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError(f"intervals.confidence must be in [0.5, 1), got {self.confidence}")
+
+
+@dataclass(frozen=True)
 class ReportParams:
     q8_max_kld: float          # q8_0 mean KLD against the reference must not exceed this
     q8_min_top1: float         # q8_0 top-1 agreement with the reference must reach this share
@@ -335,13 +352,14 @@ class ReportParams:
     ppl_ratio_max: float       # fine-tuned response PPL must be at most this × the base model's
     imatrix_min_kld_cut: float  # the imatrix must lower q4_0's, q4_k_m's and q2_k's mean KLD by this share
     q4_0_size_max_kld: float    # the best variant no larger than q4_0 must reach this mean KLD
+    if_max_drop: float          # fine-tuned prompt-level IF accuracy: at least the base's minus this (0: no worse)
     q4_k_m_imat_max_kld: float  # q4_k_m with the imatrix must reach this mean KLD
     search_min_kld_cut: float   # searched vs every stock imatrix level no larger: mean KLD lower by this share
     budget_variants: tuple[str, ...]  # the report recommends the best variant no larger than each of these
     recommend_max_mb: float     # the recommended model (MLflow registry): lowest mean KLD within this size
 
     def __post_init__(self) -> None:
-        for key in ("imatrix_min_kld_cut", "search_min_kld_cut"):
+        for key in ("imatrix_min_kld_cut", "search_min_kld_cut", "if_max_drop"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"report.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.recommend_max_mb <= 0:
@@ -372,6 +390,7 @@ class Params:
     generate: GenerateParams
     reference: ReferenceParams
     evaluate: EvaluateParams
+    intervals: IntervalParams
     report: ReportParams
 
 

@@ -41,6 +41,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("leak_rate", "leak %", "{:.0f}", scale=100, flat=True),
     Metric("loop_rate", "repeats %", "{:.0f}", scale=100, flat=True),
     Metric("answer_tokens", "answer tokens", "{:.0f}"),
+    Metric("if_prompt_strict", "IF prompt %", "{:.0f}", scale=100),
+    Metric("if_inst_strict", "IF instr. %", "{:.0f}", scale=100),
     Metric("prompt_tps", "prompt tok/s", "{:.0f}", path="speed.prompt_tps"),
     Metric("gen_tps", "gen tok/s", "{:.1f}", path="speed.gen_tps", flat=True, headline=True),
     Metric("load_s", "load s", "{:.2f}", path="speed.load_s"),
@@ -69,7 +71,12 @@ def row(record: Mapping, reference: Mapping) -> dict[str, float | None]:
     return {m.name: value(m, record, reference) for m in METRICS}
 
 
-def formatted(metric: Metric, number: float | None) -> str:
+def formatted(metric: Metric, number: float | None, interval: list[float] | None = None) -> str:
+    """The number as the report prints it, with its interval (`[lo, hi]`, same format) when it has one."""
     if number is None or number != number:
         return "–"
-    return metric.fmt.format(number * metric.scale)
+    text = metric.fmt.format(number * metric.scale)
+    if interval is None or any(x is None or x != x for x in interval):
+        return text
+    lo, hi = (metric.fmt.format(x * metric.scale) for x in interval)
+    return f"{text} [{lo}, {hi}]"

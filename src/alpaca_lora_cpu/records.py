@@ -31,6 +31,9 @@ NAMES = {"alpaca": "Alpaca", "sharegpt": "ShareGPT", "messages": "messages"}  # 
 FIELDS = ("instruction", "input", "output")
 REASONS = ("missing_field", "wrong_type", "empty_output", "bad_roles", "duplicate")
 BUNDLED = {"alpaca": Path("data/sample/alpaca_sample.json"), "chat": Path("data/sample/chat_sample.json")}
+# Records written for the project that only ever go into the validation split of the offline sample: enough held-out
+# records for the report's comparisons to be decided, without changing what the fine-tune trains on.
+HELDOUT = {"alpaca": Path("data/sample/alpaca_heldout.json")}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 ROLES = ("system", "user", "assistant")
 
@@ -41,6 +44,7 @@ class Loaded:
     source_used: str
     fallback: bool
     format: str = "alpaca"
+    heldout: tuple = ()  # validation-only records (the bundled sample's held-out part)
 
 
 def bundled_sample(fmt: str) -> Path:
@@ -104,8 +108,11 @@ def load_source(source: str, fmt: str = "alpaca") -> Loaded:
                 raise StageError(f"data.source {source!r}: cannot load from the Hugging Face Hub "
                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     sample, layout = bundled_sample(fmt), "alpaca" if fmt == "alpaca" else "messages"
-    log.warning("Hugging Face Hub unreachable for %r: using the bundled sample %s (all of it)", source, sample)
-    return Loaded(read_local(sample, layout), str(sample), True, layout)
+    heldout = HELDOUT.get(fmt)
+    log.warning("Hugging Face Hub unreachable for %r: using the bundled sample %s (all of it)%s", source, sample,
+                f", and {heldout} for validation only" if heldout else "")
+    return Loaded(read_local(sample, layout), str(sample), True, layout,
+                  tuple(read_local(heldout, layout)) if heldout else ())
 
 
 # ---------------------------------------------------------------- one record
@@ -193,6 +200,16 @@ def clean(loaded: Loaded, on_invalid: str) -> tuple[list[dict], Counter]:
         raise StageError(f"data.source {loaded.source_used}: no valid {NAMES[loaded.format]} records left after "
                          f"validation (first problem: {first or 'the file is empty'})")
     return records, dropped
+
+
+def clean_heldout(loaded: Loaded, on_invalid: str, seen: list[dict]) -> list[dict]:
+    """The validation-only records, validated like the rest, without any that repeat a record of `seen` (a
+    held-out record the fine-tune also trains on would not be held out)."""
+    if not loaded.heldout:
+        return []
+    records, _, _ = validate(list(loaded.heldout), loaded.format, on_invalid)
+    keys = {json.dumps(r, sort_keys=True) for r in seen}
+    return [r for r in records if json.dumps(r, sort_keys=True) not in keys]
 
 
 def shape_counts(records: list[dict]) -> dict[str, int]:

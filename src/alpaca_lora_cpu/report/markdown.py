@@ -12,32 +12,76 @@ from alpaca_lora_cpu.report.targets import best_within
 from alpaca_lora_cpu.variants import BASE, FINETUNED, IMAT
 
 COMPARE_VARIANTS = (FINETUNED, "q4_0", "q2_k")  # answers to the first showcase prompt, side by side
-MARKS = {True: "**met**", False: "**missed**", None: "not measured"}
+MARKS = {"met": "**met**", "missed": "**missed**", "undecided": "*undecided*", "not measured": "not measured"}
 PACKAGES = ("torch", "transformers", "numpy", "rouge-score", "gguf", "dvc", "mlflow")
 
 
 def table(rows: list[dict]) -> str:
-    """One row per variant, one column per metric_table row."""
+    """One row per variant, one column per metric_table row; each figure with its 95% interval where it has one."""
     head = "| variant | " + " | ".join(m.header for m in METRICS) + " |"
     sep = "| --- | " + " | ".join("---:" for _ in METRICS) + " |"
-    body = ["| " + " | ".join([r["variant"], *(formatted(m, r[m.name]) for m in METRICS)]) + " |" for r in rows]
+    body = ["| " + " | ".join([r["variant"], *(formatted(m, r[m.name], r["ci"].get(m.name)) for m in METRICS)])
+            + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
-def quantization_section(v: dict[str, dict], budgets: tuple[str, ...], calibration: dict, search: dict) -> str:
-    """Plain vs imatrix per level, the recommendation per size budget, the calibration set and the search."""
+def targets(goals: list[dict], counted: dict[str, int]) -> list[str]:
+    summary = ", ".join(f"{n} {k.removeprefix('targets_').replace('_', ' ')}" for k, n in counted.items())
+    return [f"{summary} (95% intervals; paired bootstrap over the same records for every comparison).", "",
+            *[f"- {MARKS[g['status']]}: {g['target']} — {g['numbers']}" for g in goals]]
+
+
+def _pct(row: dict, key: str) -> str:
+    v, ci = row.get(key), row["ci"].get(key)
+    return "–" if v is None else f"{100 * v:.0f} [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+
+
+def instruction_following(rows: list[dict], paired: dict[str, tuple], ref: dict) -> str:
+    """Prompt- and instruction-level accuracy (strict and loose) per variant, and each variant's paired difference
+    in prompt-level strict accuracy: fine-tuned against base, every quantized level against finetuned."""
+    if not any(r.get("if_prompt_strict") is not None for r in rows):
+        return "No instruction-following prompts were answered (reference.ifeval_prompts)."
+    lines = [f"{ref['ifeval_prompts']} prompts of data/ifeval/prompts.jsonl ({ref['ifeval_instructions']} "
+             "instructions in IFEval's vocabulary: word limits, bullet counts, JSON, keywords, endings, case, "
+             "paragraphs, …), answered greedily and checked by if-verifiable (IFEval's rules). Strict: the answer as "
+             "cut at the stop sequences; loose: also with its first/last line or markdown asterisks removed.", "",
+             "| variant | prompt strict % | instruction strict % | prompt loose % | instruction loose % | "
+             "prompt strict: paired difference |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        d = paired.get(r["variant"])
+        diff = "–" if d is None else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] vs {d[3]}"
+        cells = [_pct(r, k) for k in ("if_prompt_strict", "if_inst_strict", "if_prompt_loose", "if_inst_loose")]
+        lines.append(f"| {r['variant']} | {' | '.join(cells)} | {diff} |")
+    if paired.get(FINETUNED, (None,) * 4)[3] == BASE:
+        point, lo, hi, _ = paired[FINETUNED]
+        verdict = ("**Fine-tuning made instruction following worse**" if hi < 0 else
+                   "Fine-tuning made instruction following better" if lo > 0 else
+                   "No difference in instruction following between fine-tuned and base is decided")
+        lines += ["", f"{verdict}: prompt-level strict accuracy {100 * point:+.1f} points [{100 * lo:+.1f}, "
+                      f"{100 * hi:+.1f}] (fine-tuned − base, paired over the same prompts)."]
+    return "\n".join(lines)
+
+
+def quantization_section(v: dict[str, dict], budgets: tuple[str, ...], calibration: dict, search: dict,
+                         changes: dict[str, tuple[float, float, float]] | None = None) -> str:
+    """Plain vs imatrix per level (`changes`: the paired KLD ratio imatrix ÷ plain with its interval), the
+    recommendation per size budget, the calibration set and the search."""
+    changes = changes or {}
     lines = [f"Importance matrix: {calibration.get('tokens', '?')} tokens ({calibration.get('chunks', '?')} "
              f"records) of `{calibration.get('calibration_source', '?')}` (sha256 "
              f"`{str(calibration.get('calibration_sha256', '?'))[:16]}…`), disjoint from the val split scored here.",
-             "", "| level | size MB | KLD plain | KLD imatrix | change | top-1 % plain | top-1 % imatrix |",
+             "", "| level | size MB | KLD plain | KLD imatrix | change (paired 95%) | top-1 % plain | "
+             "top-1 % imatrix |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, m in v.items():
         level = name.removesuffix(IMAT)
         if name.endswith(IMAT) and level in v:
             plain = v[level]
+            point, lo, hi = changes.get(level, (m["kld_mean"] / plain["kld_mean"], float("nan"), float("nan")))
+            change = f"{100 * (point - 1):+.0f}%" + (f" [{100 * (lo - 1):+.0f}, {100 * (hi - 1):+.0f}]"
+                                                     if lo == lo else "")
             lines.append(f"| {level} | {m['size_mb']:.1f} | {plain['kld_mean']:.4f} | {m['kld_mean']:.4f} | "
-                         f"{100 * (m['kld_mean'] / plain['kld_mean'] - 1):+.0f}% | {100 * plain['top1']:.1f} | "
-                         f"{100 * m['top1']:.1f} |")
+                         f"{change} | {100 * plain['top1']:.1f} | {100 * m['top1']:.1f} |")
     lines += ["", "Best variant (lowest mean KLD) within each size:", ""]
     for budget in budgets:
         if budget in v:
@@ -105,20 +149,25 @@ READING = ("Reading it: ΔPPL and KLD measure how far a variant's next-token dis
 
 
 def render(inputs: Inputs, rows: list[dict], goals: list[dict], figures: dict[str, str], loss_note: str,
-           quantization: str = "") -> str:
+           quantization: str = "", following: str = "") -> str:
+    from alpaca_lora_cpu.report.targets import counts
+
     ref, hf = inputs.reference, inputs.reference["hf_fp32"]
     any_v = next(iter(inputs.variants.values()))
     s = any_v["speed"]
     out = [
         "# Evaluation report", "",
-        f"Run `{ref['run_id']}`: {ref['records']} held-out records, {ref['positions']} response tokens scored "
-        f"(prompt masked); KLD, top-1 and Δp against finetuned (llama.cpp logits of the reference GGUF, top-"
-        f"{ref['top_k']} + exact rest mass, see docs/stages.md); greedy answers to {ref['generate_prompts']} "
-        f"validation and {ref['showcase_prompts']} fixed prompts, at most {any_v['max_new_tokens']} new tokens. "
+        f"Run `{ref['run_id']}`: {ref['records']} held-out records of {ref.get('val_source', '?')}, "
+        f"{ref['positions']} response tokens scored (prompt masked); KLD, top-1 and Δp against finetuned "
+        f"(llama.cpp logits of the reference GGUF, top-{ref['top_k']} + exact rest mass, see docs/stages.md); greedy "
+        f"answers to {ref['generate_prompts']} validation, {ref['showcase_prompts']} fixed and "
+        f"{ref.get('ifeval_prompts', 0)} instruction-following prompts, at "
+        f"most {any_v['max_new_tokens']} new tokens. Every figure has its 95% interval in brackets: a bootstrap over "
+        "records (PPL, KLD, top-1, Δp) or answers (rates, ROUGE-L, IF accuracy); for speed, the range of the runs. "
         f"Speed: llama-cpp-python, {s['threads']} threads, median of {s['runs']} runs after a warm-up, "
         f"prompt {s['prompt_tokens']} tokens, generation {s['gen_tokens']} tokens.", "",
         "## Targets", "",
-        *[f"- {MARKS[g['met']]}: {g['target']} — {g['numbers']}" for g in goals], "",
+        *targets(goals, counts(goals)), "",
         "## Variants", "", table(rows), "",
         (f"transformers fp32 `generate` on models/merged ({hf['threads']} threads): prompt "
          f"{hf['prompt_tps']:.0f} tok/s, generation {hf['gen_tps']:.1f} tok/s, load {hf['load_s']:.2f} s."
@@ -129,6 +178,7 @@ def render(inputs: Inputs, rows: list[dict], goals: list[dict], figures: dict[st
         f"![quality against size]({figures['quality']})", "",
         f"![generation speed against size]({figures['speed']})", "",
         f"![training loss]({figures['loss']})" if "loss" in figures else loss_note, "",
+        *(["## Instruction following", "", following, ""] if following else []),
         "## Base vs fine-tuned", "", showcase(inputs), "",
         "## Environment", "",
         *[f"- {k}: `{v}`" for k, v in environment(inputs).items()], "",

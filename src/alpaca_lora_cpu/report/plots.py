@@ -14,6 +14,16 @@ KINDS = {  # variants.Kind → (marker, colour, legend); base is drawn apart
 }
 
 
+def error_bars(rows: list[dict], key: str) -> list[list[float]]:
+    """matplotlib's (below, above) distances from each row's value to its interval's ends (0 where it has none)."""
+    lows, highs = [], []
+    for r in rows:
+        lo, hi = r.get("ci", {}).get(key, (r[key], r[key]))
+        lows.append(max(0.0, r[key] - lo))
+        highs.append(max(0.0, hi - r[key]))
+    return [lows, highs]
+
+
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both size and the quality loss (lower is better for both)."""
     front, best = [], float("inf")
@@ -30,15 +40,16 @@ def quality(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     for ax, key, label in ((axes[0], "kld_mean", "mean KLD vs finetuned"), (axes[1], "ppl", "response PPL")):
         for k, (marker, colour, legend) in KINDS.items():
-            mine = [(r["size_mb"], r[key]) for r in rows if r["kind"] == k]
+            mine = [r for r in rows if r["kind"] == k]
             if mine:
-                ax.scatter(*zip(*mine, strict=True), marker=marker, color=colour, label=legend,
-                           s=90 if marker == "*" else 30)
+                ax.errorbar([r["size_mb"] for r in mine], [r[key] for r in mine], yerr=error_bars(mine, key),
+                            fmt=marker, color=colour, label=legend, ms=9 if marker == "*" else 5, capsize=2, lw=0.8)
         front = pareto([(r["size_mb"], r[key]) for r in rows if r["kind"] != "base"])
         ax.plot(*zip(*front, strict=True), color="tab:orange", lw=1, label="Pareto front")
         for r in rows:
             if r["kind"] == "base":
-                ax.scatter([r["size_mb"]], [r[key]], color="tab:gray", marker="x", label="base")
+                ax.errorbar([r["size_mb"]], [r[key]], yerr=error_bars([r], key), fmt="x", color="tab:gray",
+                            label="base", capsize=2, lw=0.8)
             ax.annotate(r["variant"], (r["size_mb"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if key == "kld_mean":
             ax.set_yscale("symlog", linthresh=1e-4)
@@ -46,7 +57,7 @@ def quality(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Quality against size (lower-left is better)")
+    fig.suptitle("Quality against size (lower-left is better; bars: 95% intervals over records)")
     fig.tight_layout()
     save(fig, path)
 
@@ -55,7 +66,8 @@ def speed(rows: list[dict], hf: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.scatter([r["size_mb"] for r in rows], [r["gen_tps"] for r in rows], color="tab:green")
+    ax.errorbar([r["size_mb"] for r in rows], [r["gen_tps"] for r in rows], yerr=error_bars(rows, "gen_tps"),
+                fmt="o", color="tab:green", capsize=2, lw=0.8, label="llama-cpp-python (bars: range of runs)")
     for r in rows:
         ax.annotate(r["variant"], (r["size_mb"], r["gen_tps"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if "gen_tps" in hf:  # skipped where the fp32 model does not fit

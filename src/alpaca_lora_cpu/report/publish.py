@@ -18,7 +18,7 @@ REGISTERED_MODEL = "alpaca-lora-cpu-gguf"
 def headline_metrics(inputs: Inputs, record: dict) -> dict[str, float]:
     """What the pipeline run shows: eval loss, each variant's comparison metrics (rounded as the flat DVC metrics
     are), the targets met and missed."""
-    out = {k: record[k] for k in ("targets_met", "targets_missed")}
+    out = {k: record[k] for k in ("targets_met", "targets_missed", "targets_undecided")}
     if "eval_loss" in inputs.finetune:
         out["eval_loss"] = inputs.finetune["eval_loss"]
     paths = {name: BY_NAME[name].path or name for name in headline_names()}
