@@ -24,6 +24,12 @@ def test_the_bundled_set_is_large_varied_and_valid():
     assert sum(len(r["instruction_id_list"]) > 1 for r in rows) >= 25  # combined constraints, as in IFEval
 
 
+def test_the_cost_model_counts_the_bundled_prompts():
+    from alpaca_lora_cpu.cost import IFEVAL_PROMPTS
+
+    assert IFEVAL_PROMPTS == len(PROMPTS.read_text().splitlines())
+
+
 def test_every_bundled_check_runs_offline():
     # a checker that needs NLTK data would raise LookupError here, on this machine without a download
     for row in load_prompts(PROMPTS):

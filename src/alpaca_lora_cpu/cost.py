@@ -23,6 +23,7 @@ from alpaca_lora_cpu.errors import StageError
 GB = 1e9
 OVERHEAD = 0.8e9      # a stage with python, torch, transformers and mlflow imported: 0.35-0.6 GB measured, once 0.75
 LLAMA_OVERHEAD = 0.4e9
+IFEVAL_PROMPTS = 104  # data/ifeval/prompts.jsonl, answered when reference.ifeval_prompts is null (tests/test_ifeval.py)
 CONVERTER = 0.3e9     # llama.cpp's converter process (python, torch, gguf) before any tensor
 STARTUP = 6.0         # seconds every stage spends starting: python, imports, the MLflow run
 DISK = 0.8e9          # bytes/s a stage reads or writes checkpoints at (page cache helps; a cold disk is slower)
@@ -152,12 +153,15 @@ def work(p: Any, data: Path | None = None, records: tuple[int, int] | None = Non
     scored_records = min(val, p.reference.max_records or val)
     scored = scored_records * min(per, per // 2 + p.reference.max_response_tokens)  # prompt + capped response
     answers = min(p.reference.generate_records or scored_records, scored_records) + len(p.reference.showcase_prompts)
+    # the instruction-following answers: the largest share of an evaluation's generated tokens
+    ifeval = (p.reference.ifeval_prompts or IFEVAL_PROMPTS) * p.reference.ifeval_max_new_tokens
     return Work(train_tokens=int(train * min(per, p.finetune.cutoff_len) * epochs),
                 val_tokens=val * min(per, p.finetune.cutoff_len),
                 gate_tokens={"export": p.export.gate_prompts * min(per, p.export.gate_max_tokens),
                              "convert": p.convert.gate_prompts * min(per, p.convert.gate_max_tokens)},
                 imatrix_tokens=min(p.imatrix.max_tokens, train * min(per, p.imatrix.chunk_size)),
-                scored_tokens=int(scored), generated_tokens=answers * p.evaluate.max_new_tokens, record_tokens=per)
+                scored_tokens=int(scored), generated_tokens=answers * p.evaluate.max_new_tokens + ifeval,
+                record_tokens=per)
 
 
 def _records(data: Path | None) -> tuple[int, int] | None:
@@ -279,7 +283,8 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
                         + _tg_seconds(s, tg, kind, r) + s.size(kind) / DISK,
                         OVERHEAD + LLAMA_OVERHEAD + 2048 * s.vocab + 8 * w.scored_tokens * p.reference.top_k
                         + (s.size(kind) if kind in REPACKED else 0.0),
-                        s.size(kind), hint="reference.generate_records, evaluate.max_new_tokens, quantize.types"))
+                        s.size(kind), hint="reference.ifeval_prompts, reference.generate_records, "
+                        "evaluate.max_new_tokens, quantize.types"))
     out.append(Cost("report", 10.0, OVERHEAD))
     return [replace(c, seconds=c.seconds + STARTUP) for c in out]
 
