@@ -14,7 +14,7 @@ MLFLOW_PORT ?= 5000
 # make screenshots serves the store on its own port, so a running `make mlflow-ui` is left alone
 SCREENSHOT_PORT ?= 5099
 
-.PHONY: help setup repro plan test test-fast lint plots screenshots results-table mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer bench-serve bench-scale fuzz report sweep
+.PHONY: help setup repro plan test test-fast lint plots screenshots results-table mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer bench-serve bench-scale fuzz report sweep sweep-offline
 
 # make generate / chat / serve / bench-infer: which GGUF (models/gguf/finetuned-$(QUANT).gguf; QUANT=reference is the unquantized reference)
 QUANT ?= q4_0
@@ -107,8 +107,12 @@ bench-finetune: $(STAMP) ## The finetune stage vs alpaca-lora's loop, side by si
 	python -m tools.bench_finetune --samples $(BENCH_SAMPLES) --levers --json reports/bench-finetune.json --doc docs/benchmarks.md $(if $(BENCH_SOURCE),--source $(BENCH_SOURCE))
 
 SWEEP_SOURCE ?= ../shared/data/alpaca_cleaned_head.json
-sweep: $(STAMP) ## The recipe study: configs/sweep.yaml as queued DVC experiments on SWEEP_SOURCE (real Alpaca data), table in docs/recipes.md
+sweep: $(STAMP) ## The recipe study: configs/sweep.yaml (recipes × seeds) as DVC experiments on SWEEP_SOURCE, scored on its held-out part; docs/recipes.md
 	python -m tools.sweep --grid configs/sweep.yaml --source $(SWEEP_SOURCE) --doc docs/recipes.md
+
+sweep-offline: $(STAMP) ## The offline default's study: configs/sweep-offline.yaml trained on the bundled sample, scored on SWEEP_SOURCE's held-out part
+	python -m tools.sweep --grid configs/sweep-offline.yaml --source data/sample/alpaca_sample.json \
+	  --heldout-source $(SWEEP_SOURCE) --doc docs/recipes.md
 
 generate: $(STAMP) ## Complete PROMPT with models/gguf/finetuned-$(QUANT).gguf, N tokens (Alpaca template unless RAW=1)
 	python -m tools.generate --model $(GGUF) -n $(N) --prompt "$$PROMPT" $(if $(RAW),--raw)
