@@ -180,3 +180,13 @@ def test_make_sweep_runs_seeded_experiments_and_scores_them_held_out(tmp_path, t
                            timeout=600)
     assert again.returncode == 0 and "scoring" not in again.stderr, again.stderr[-2000:]
     assert dvc(repo, "exp", "show", "--json").returncode == 0
+
+
+def test_a_heldout_record_whose_prompt_fills_the_cutoff_weighs_nothing(tiny_model_dir):
+    from alpaca_lora_cpu.heldout import load, record_nll
+
+    model, tokenizer = load(tiny_model_dir, None, 2)
+    records = make_records(3)
+    records[1]["instruction"] = "word " * 400  # the prompt alone is longer than cutoff_len
+    nll, tokens = record_nll(model, tokenizer, records, "alpaca", 64)
+    assert tokens[1] == 0 and nll[1] == 0.0 and tokens[0] > 0 and tokens[2] > 0 and nll[0] > 0

@@ -59,7 +59,9 @@ def load(base: Path, adapter: Path | None, threads: int) -> tuple[Any, Any]:
 
 def record_nll(model: Any, tokenizer: Any, records: list[dict], template: str,
                cutoff_len: int) -> tuple[list[float], list[int]]:
-    """Per record: (sum of response-token NLLs, their count), one record a forward."""
+    """Per record: (sum of response-token NLLs, their count), one record a forward. A record whose prompt alone
+    fills `cutoff_len` scores (0, 0), as the finetune stage drops it from its val split: the same records drop for
+    every model, so the pairing holds, and they weigh nothing in a token-weighted PPL."""
     import torch
 
     from alpaca_lora_cpu.tokenization import encode
@@ -68,10 +70,12 @@ def record_nll(model: Any, tokenizer: Any, records: list[dict], template: str,
     collator = make_collator(tokenizer)
     nll, tokens = [], []
     with torch.inference_mode():
-        for i, record in enumerate(records):
+        for record in records:
             example = encode(record, tokenizer, template, cutoff_len, False)
             if example is None:
-                raise StageError(f"held-out record {i}: its prompt alone fills cutoff_len={cutoff_len}")
+                nll.append(0.0)
+                tokens.append(0)
+                continue
             total, n = response_loss(model, collator([example]))
             nll.append(float(total))
             tokens.append(int(n))
