@@ -32,17 +32,41 @@ class Measured:
     stderr: str
 
 
-def _status(pid: int) -> tuple[int, int]:
-    """(RssAnon, VmRSS) of a process in bytes; zeros once it is gone."""
-    anon = rss = 0
+def _status(pid: int) -> dict[str, int]:
+    """RssAnon, VmRSS, VmSize (bytes) and PPid of a process; {} once it is gone."""
+    keys = {"RssAnon:": "anon", "VmRSS:": "rss", "VmSize:": "size", "PPid:": "ppid"}
+    out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                anon = int(line.split()[1]) * 1024
-            elif line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
+            key = keys.get(line.split(maxsplit=1)[0] if line else "")
+            if key:
+                value = int(line.split()[1])
+                out[key] = value if key == "ppid" else value * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
     except OSError:
-        pass
+        return ""
+
+
+def _tree_memory(pids: list[int]) -> tuple[int, int]:
+    """(Σ RssAnon, Σ VmRSS) over the tree, each address space counted once. A child between fork/vfork and exec
+    (subprocess, and ctypes.util.find_library's `ldconfig` call, vfork the stage) reports its parent's pages as
+    its own: counting them again doubled a stage's measured peak whenever a sample fell in that window."""
+    status = {pid: _status(pid) for pid in pids}
+    anon = rss = 0
+    for pid, st in status.items():
+        if not st:
+            continue
+        parent = status.get(st.get("ppid", -1))
+        if parent and all(parent.get(k) == st.get(k) for k in ("size", "anon")) and _exe(pid) == _exe(st["ppid"]):
+            continue  # the parent's own memory, seen through the child that has not exec'd yet
+        anon, rss = anon + st.get("anon", 0), rss + st.get("rss", 0)
     return anon, rss
 
 
@@ -93,10 +117,7 @@ def measure(cmd: list[str], cwd: str | Path | None = None, env: dict | None = No
 
     def sample() -> None:
         while not done.is_set():
-            anon = rss = 0
-            for pid in _tree(proc.pid):
-                a, r = _status(pid)
-                anon, rss = anon + a, rss + r
+            anon, rss = _tree_memory(_tree(proc.pid))
             peak[0], peak[1] = max(peak[0], anon), max(peak[1], rss)
             done.wait(interval)
 

@@ -68,12 +68,12 @@ def available_memory() -> int:
 
 
 def _libc():
+    """The C library already loaded in this process (dlopen(NULL)). Not ctypes.util.find_library: on Linux that
+    runs `ldconfig -p` in a subprocess on every call, i.e. a vfork of the whole stage for each trimmed layer."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name) if name else None
+        return ctypes.CDLL(None)
     except OSError:
         return None
 
