@@ -14,7 +14,7 @@ MLFLOW_PORT ?= 5000
 # make screenshots serves the store on its own port, so a running `make mlflow-ui` is left alone
 SCREENSHOT_PORT ?= 5099
 
-.PHONY: help setup repro plan test test-fast lint plots screenshots results-table mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer bench-serve bench-scale fuzz report sweep sweep-offline
+.PHONY: help setup repro plan test test-fast lint plots screenshots results-table mlflow-ui mlflow-server lock clean-venv verify-repro verify-failure bench-finetune generate generate-all chat serve bench-infer bench-autoround bench-gptq bench-serve bench-scale fuzz report sweep sweep-offline
 
 # make generate / chat / serve / bench-infer: which GGUF (models/gguf/finetuned-$(QUANT).gguf; QUANT=reference is the unquantized reference)
 QUANT ?= q4_0
@@ -126,6 +126,20 @@ chat: $(STAMP) ## Interactive REPL on models/gguf/finetuned-$(QUANT).gguf, strea
 
 serve: $(STAMP) ## OpenAI-compatible server for models/gguf/finetuned-$(QUANT).gguf on 127.0.0.1:$(PORT)
 	python -m tools.serve --model $(GGUF) --port $(PORT)
+
+AR_LEVEL ?= q4_0
+AR_ITERS ?= 0 25 50 100 200
+GPTQ_LEVELS ?= q4_0 iq4_nl
+GPTQ_DAMP ?= 0.003 0.01 0.03
+GPTQ_REFIT ?=
+bench-autoround: $(STAMP) ## AutoRound's KLD vs wall time per iters (AR_ITERS="0 25 50 100 200") for AR_LEVEL=q4_0, beside llama.cpp's plain and imatrix files, into docs/benchmarks.md (after make repro)
+	python -m tools.bench_autoround --params params.yaml --level $(AR_LEVEL) --iters $(AR_ITERS) \
+		--src models/gguf/finetuned-reference.gguf --imatrix models/imatrix/imatrix.gguf --doc docs/benchmarks.md
+
+bench-gptq: $(STAMP) ## GPTQ in Q4_0 / IQ4_NL blocks (GPTQ_LEVELS="q4_0 iq4_nl", GPTQ_DAMP="0.003 0.01 0.03", GPTQ_REFIT=1: also the joint refit) vs llama.cpp's plain and imatrix rounding: KLD, PPL, proxy error, time, into docs/benchmarks.md (after make repro)
+	python -m tools.bench_gptq --params params.yaml --levels $(GPTQ_LEVELS) --damp $(GPTQ_DAMP) $(if $(GPTQ_REFIT),--joint-refit) \
+		--src models/gguf/finetuned-reference.gguf --imatrix models/imatrix/imatrix.gguf \
+		--hessians models/imatrix/hessians --doc docs/benchmarks.md
 
 bench-infer: $(STAMP) ## Generation tok/s of models/gguf/finetuned-$(QUANT).gguf vs the memory-bandwidth bound, into docs/benchmarks.md
 	python -m tools.bench_infer --params params.yaml --gguf $(GGUF) --doc docs/benchmarks.md

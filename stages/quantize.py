@@ -2,9 +2,17 @@
 
 Run (dvc.yaml runs one `quantize@<type>` per entry of `quantize.types`, each cached on its own):
     python -m stages.quantize --params params.yaml --type q4_k_m --src models/gguf/finetuned-reference.gguf \
-        --imatrix models/imatrix/imatrix.gguf --searched models/search/recipe.json \
-        --out models/gguf/finetuned-q4_k_m.gguf --modelfile models/gguf/finetuned-q4_k_m.Modelfile \
+        --imatrix models/imatrix/imatrix.gguf --searched models/search/recipe.json --merged models/merged \
+        --data data/prepared --hessians models/imatrix/hessians --out models/gguf/finetuned-q4_k_m.gguf \
+        --modelfile models/gguf/finetuned-q4_k_m.Modelfile \
         --metrics reports/metrics/quantize/q4_k_m.json
+
+A `<level>-ar` entry (q4_0-ar) is the level's llama.cpp file with each tensor rounded by AutoRound instead
+(alpaca_lora_cpu/autoround.py: SignRound on models/merged over the imatrix's calibration text, `--merged`,
+`--data`, quantize.autoround), in the same types, so of the same size and metadata. A `<level>-gptq` entry
+(q4_0-gptq, iq4_nl-gptq) is the same with each Q4_0 / IQ4_NL tensor rounded by GPTQ over the imatrix stage's input
+covariances (`--hessians`, alpaca_lora_cpu/gptq.py, quantize.gptq); its details record each tensor's proxy error
+tr(ΔW H ΔWᵀ) beside llama.cpp's plain and imatrix rounding of the same level.
 
 Quantizes with llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`, default params, the ftype named by
 `--type`), then reads the result back with the `gguf` package: file size, bits per weight, seconds, the stored
@@ -19,10 +27,11 @@ import logging
 import os
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
-from alpaca_lora_cpu.config import PromptParams, as_dict, load_params
+from alpaca_lora_cpu.config import AutoRoundParams, Params, PromptParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, ensure_writable, write_text
 from alpaca_lora_cpu.prompts import render, stop_sequences
@@ -101,8 +110,91 @@ def smoke_test(path: Path) -> None:
             raise StageError(f"{path}: llama.cpp produced non-finite logits")
 
 
+@dataclass(frozen=True)
+class AutoRoundJob:
+    """What an -ar level rounds: the merged checkpoint, the packed calibration rows, quantize.autoround."""
+    merged: Path
+    rows: list[list[int]]
+    params: AutoRoundParams
+
+
+def autoround_job(params: Params, merged: Path | None, data: Path | None) -> AutoRoundJob:
+    """The calibration rows of an -ar level: the imatrix's calibration text (imatrix.source, cut as the imatrix
+    cuts it), packed into quantize.autoround.nsamples rows of seqlen tokens."""
+    from transformers import AutoTokenizer
+
+    from alpaca_lora_cpu.autoround import calibration_chunks
+    from alpaca_lora_cpu.calibration import calibration_records, token_sequences
+    from alpaca_lora_cpu.shards import checkpoint_files
+
+    if merged is None or data is None:
+        raise StageError("an -ar level needs --merged (the merged checkpoint) and --data (the prepared data)")
+    checkpoint_files(merged, "merged model")
+    records, _ = calibration_records(params.imatrix.source, params.data.format, data)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    sequences = token_sequences(records, tokenizer, params.prompt.template, params.imatrix)
+    ar = params.quantize.autoround
+    return AutoRoundJob(merged, calibration_chunks(sequences, ar.nsamples, ar.seqlen), ar)
+
+
+def quantize_autoround(src: Path, dst: Path, plan: Plan, job: AutoRoundJob) -> tuple[float, list[str], dict]:
+    """llama.cpp's file of the plan's level (the layout), then AutoRound's rounding of each tensor it stores in
+    the same type; (seconds of both, llama.cpp's log lines, what was taken and kept)."""
+    from alpaca_lora_cpu.autoround import make
+
+    layout = dst.with_name(dst.name + ".llama-cpp.gguf")
+    try:
+        seconds, lines = quantize_file(src, layout, Plan(plan.name, plan.qtype, False))
+        details = make(job.merged, plan.qtype, job.rows, job.params, layout, dst)
+        details |= {"llama_cpp_bytes": layout.stat().st_size, "llama_cpp_seconds": seconds}
+    finally:
+        layout.unlink(missing_ok=True)
+    if dst.stat().st_size != details["llama_cpp_bytes"]:
+        raise StageError(f"{plan.name}: {dst.stat().st_size} bytes, llama.cpp's {plan.qtype} file "
+                         f"{details['llama_cpp_bytes']}: the transplant changed the size")
+    return seconds + details["autoround_seconds"], lines, details
+
+
+def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessians: Path | None, damp: float
+                  ) -> tuple[float, list[str], dict]:
+    """llama.cpp's plain file of the plan's level (the layout), then GPTQ's rounding of each Q4_0 / IQ4_NL tensor
+    over the input covariances; llama.cpp's imatrix file of the level too, for the proxy errors it is compared
+    with. (seconds, llama.cpp's log lines, per-tensor proxy errors and how many fell below each rival.)"""
+    import time
+
+    from tqdm import tqdm
+
+    from alpaca_lora_cpu.gguf_files import check_gguf
+    from alpaca_lora_cpu.gptq import FORMATS, Hessians, make, shared_name
+
+    if hessians is None or imatrix is None or not imatrix.is_file():
+        raise StageError(f"{plan.name} needs the imatrix stage's --imatrix file and --hessians folder "
+                         "(imatrix.covariance: true)")
+    h = Hessians(hessians)
+    layout, rival = (dst.with_name(dst.name + suffix) for suffix in (".llama-cpp.gguf", ".imatrix.gguf"))
+    try:
+        seconds, lines = quantize_file(src, layout, Plan(plan.name, plan.qtype, False))
+        quantize_file(src, rival, Plan(plan.name, plan.qtype, True), imatrix)
+        fmt = FORMATS[plan.qtype]
+        todo = sum(t.type == fmt.ggml_type and shared_name(t.name) in h for t in check_gguf(layout).tensors)
+        t0 = time.perf_counter()
+        with tqdm(total=todo, unit="tensor", desc=f"GPTQ {plan.qtype}") as bar:
+            details = make(layout, src, h, fmt, damp, dst, compare=rival, progress=lambda _: bar.update())
+        gptq_seconds = time.perf_counter() - t0
+    finally:
+        layout.unlink(missing_ok=True)
+        rival.unlink(missing_ok=True)
+    errors = details["proxy_error"].values()
+    details |= {"gptq_seconds": gptq_seconds, "covariance_tokens": h.tokens,
+                "proxy_error_sum": {k: sum(e[k] for e in errors) for k in ("gptq", "llama_cpp", "compare")},
+                "below_plain": sum(e["gptq"] < e["llama_cpp"] for e in errors),
+                "below_imatrix": sum(e["gptq"] < e["compare"] for e in errors)}
+    return seconds + gptq_seconds, lines, details
+
+
 def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: Path,
-        extra_stops: tuple[str, ...] = (), imatrix: Path | None = None) -> dict:
+        extra_stops: tuple[str, ...] = (), imatrix: Path | None = None, job: AutoRoundJob | None = None,
+        hessians: Path | None = None, damp: float = 0.01) -> dict:
     from alpaca_lora_cpu.gguf_files import (
         bits_per_weight,
         chat_template,
@@ -119,7 +211,15 @@ def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
     ensure_writable(modelfile_out)
     text = modelfile(out.name, prompt.template, eos_text(reader), extra_stops, chat_template(reader))
     with atomic_path(out) as tmp:
-        seconds, lines = quantize_file(src, tmp, plan, imatrix if plan.imatrix else None)
+        autoround = gptq = None
+        if plan.gptq:
+            seconds, lines, gptq = quantize_gptq(src, tmp, plan, imatrix, hessians, damp)
+        elif plan.autoround:
+            if job is None:
+                raise StageError(f"{plan.name}: an -ar level needs the merged model and calibration rows")
+            seconds, lines, autoround = quantize_autoround(src, tmp, plan, job)
+        else:
+            seconds, lines = quantize_file(src, tmp, plan, imatrix if plan.imatrix else None)
         infos = tensor_infos(tmp)
         smoke_test(tmp)
         metrics = {
@@ -130,6 +230,8 @@ def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
             "size_mb": tmp.stat().st_size / 1e6, "bits_per_weight": bits_per_weight(infos),
             "quantize_seconds": seconds, "source_bytes": src.stat().st_size, "tensors": len(infos),
             "tensor_types": type_counts(infos), "other_type": other_types(infos, plan, lines),
+            "autoround": int(plan.autoround), **({"autoround_details": autoround} if autoround else {}),
+            "gptq": int(plan.gptq), **({"gptq_details": gptq} if gptq else {}),
         }
         if plan.imatrix and not metrics["imatrix_entries"]:
             raise StageError(f"{plan.name}: llama.cpp did not report using the importance matrix {imatrix}")
@@ -139,7 +241,8 @@ def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
 
 # The flat numbers (quantize/<type>.json); the whole record (tensor types and why) goes to <type>.details.json.
 METRICS = {"size_mb": "size_mb", "bits_per_weight": "bits_per_weight", "imatrix": "imatrix", "recipe": "recipe",
-           "imatrix_entries": "imatrix_entries", "tensors": "tensors", "seconds": "quantize_seconds"}
+           "imatrix_entries": "imatrix_entries", "tensors": "tensors", "seconds": "quantize_seconds",
+           "autoround": "autoround", "gptq": "gptq"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--type", required=True, help="a quantize.types entry: q4_k_m, q4_k_m-imat or a recipe name")
     ap.add_argument("--imatrix", type=Path, help="llama.cpp GGUF imatrix file, for -imat types and recipes")
     ap.add_argument("--searched", type=Path, help="the search stage's recipe file, for the `searched` entry")
+    ap.add_argument("--merged", type=Path, help="the merged checkpoint, for the -ar levels (AutoRound)")
+    ap.add_argument("--data", type=Path, help="the prepared data (imatrix.source's calibration text), for -ar levels")
+    ap.add_argument("--hessians", type=Path, help="the imatrix stage's input covariances, for the -gptq levels")
     args = parse_args(ap, argv)
     params = load_params(args.params)
     prompt = params.prompt
@@ -160,10 +266,14 @@ def main(argv: list[str] | None = None) -> None:
     recipe = params.quantize.recipes.get(args.type) or (read_recipe(args.searched) if args.type == SEARCHED else None)
     # MLflow param names cannot hold regex characters: the overrides go in as one JSON value
     logged = {**as_dict(recipe), "overrides": json.dumps(recipe.overrides)} if recipe else None
-    with stage_run("quantize", {"quantize": {"type": args.type, **({"recipe": logged} if logged else {})},
+    job = autoround_job(params, args.merged, args.data) if plan.autoround else None
+    ar = {"autoround": as_dict(params.quantize.autoround)} if job else {}
+    ar |= {"gptq": as_dict(params.quantize.gptq)} if plan.gptq else {}
+    with stage_run("quantize", {"quantize": {"type": args.type, **({"recipe": logged} if logged else {}), **ar},
                                 "prompt": as_dict(prompt), "generate": {"stop": list(params.generate.stop)}},
                    run_name=f"quantize@{args.type}") as mlflow:
-        metrics = run(plan, prompt, args.src, args.out, args.modelfile, params.generate.stop, args.imatrix)
+        metrics = run(plan, prompt, args.src, args.out, args.modelfile, params.generate.stop, args.imatrix, job,
+                      args.hessians, params.quantize.gptq.damp)
         write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
     log.info("%s: %.1f MiB, %.2f bits/weight, %.1f s → %s", args.type, metrics["file_mib"],
              metrics["bits_per_weight"], metrics["quantize_seconds"], args.out)

@@ -5,7 +5,7 @@ Run: python -m stages.report --params params.yaml --evaluated reports/metrics/ev
          --out reports/report.md --figures reports/figures --table reports/plots/evaluate.csv \
          --metrics reports/metrics/report.json --imatrix-metrics reports/metrics/imatrix.json \
          --search-metrics reports/metrics/search.json --finetune-metrics reports/metrics/finetune.json \
-         --gguf-dir models/gguf
+         --quantize-metrics reports/metrics/quantize --gguf-dir models/gguf
 
 The table (a row per variant: base, finetuned, each quantize.types entry; a column per metric_table row), the
 quality/size and speed/size plots, the training loss curve, base vs fine-tuned answers to the fixed prompts, the
@@ -28,7 +28,7 @@ from alpaca_lora_cpu.files import atomic_path, write_csv, write_text
 from alpaca_lora_cpu.metric_table import flat_paths, row
 from alpaca_lora_cpu.report import inputs, markdown, plots
 from alpaca_lora_cpu.report.targets import Evidence, all_targets, counts, difference, ratio_of, recommend
-from alpaca_lora_cpu.variants import BASE, FINETUNED, IMAT, gguf_stem, names, parse
+from alpaca_lora_cpu.variants import BASE, FINETUNED, gguf_stem, names, parse
 
 log = logging.getLogger("report")
 
@@ -93,10 +93,10 @@ def run(goal: ReportParams, quantize: QuantizeParams, iv: IntervalParams, src: i
                     found.reference.get("val_source", "the validation split"))
     rows = table_rows(found, quantize, e)
     goals = all_targets(e, goal, quantize.recipes)
-    changes = {level.removesuffix(IMAT): e.pair(level, level.removesuffix(IMAT), "kld_mean", ratio_of)
-               for level in found.variants if level.endswith(IMAT) and level.removesuffix(IMAT) in found.variants}
+    changes = {name: e.pair(name, plain, "kld_mean", ratio_of) for name, plain in
+               markdown.against_plain(found.variants).items()}
     section = markdown.quantization_section(found.variants, goal.budget_variants, found.calibration, found.search,
-                                            changes)
+                                            changes, found.quantize_seconds)
     following = markdown.instruction_following(rows, paired_following(e), found.reference)
     figures = draw(rows, found, out.figures, out.report)
     note = f"*No training loss curve: no loss data found in {src.loss}/ (the finetune stage writes it).*"
@@ -122,12 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--imatrix-metrics", type=Path, help="the imatrix stage's metrics (calibration set)")
     ap.add_argument("--search-metrics", type=Path, help="the search stage's metrics")
     ap.add_argument("--finetune-metrics", type=Path, help="the finetune stage's metrics (eval loss)")
+    ap.add_argument("--quantize-metrics", type=Path, help="the quantize stages' metrics folder (quantize times)")
     ap.add_argument("--gguf-dir", type=Path, help="the variants' GGUF files and Modelfiles (the recommended one is "
                     "logged and registered)")
     args = parse_args(ap, argv)
     params = load_params(args.params)
     src = inputs.Sources(args.evaluated, args.reference, args.generations, args.loss, args.imatrix_metrics,
-                         args.search_metrics, args.finetune_metrics)
+                         args.search_metrics, args.finetune_metrics, args.quantize_metrics)
     found = inputs.load(names(params.quantize.types), src)  # missing or mixed inputs stop here, before tracking
     import matplotlib
 

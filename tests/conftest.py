@@ -124,3 +124,17 @@ def wide_model(tmp_path_factory, builtin_tokenizer_dir):
                            [tok(t)["input_ids"] for t in texts])
     write(out / "imatrix.gguf", Imatrix(sums, counts, ["tests"], len(texts), 16))
     return out / "hf", out / "wide-f16.gguf", out / "imatrix.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_random_llama(tmp_path_factory):
+    """(model, its saved folder): collect reads the folder one layer at a time, the test recomputes from the model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(folder)
+    return model, folder

@@ -132,6 +132,7 @@ def test_missing_section_stops_prepare_before_any_work(tmp_path):
     (["q4_0", "q4_0"], "quantize.types lists 'q4_0' more than once"),
     ([], "quantize.types must list at least one"),
     (["q4_0", "base"], "quantize.types: 'base' is an unquantized variant"),
+    (["q4_k_m-gptq"], "quantize.types: GPTQ rounding is written for q4_0, iq4_nl blocks, not 'q4_k_m'"),
 ])
 def test_quantize_types_are_checked(tmp_path, types, needle):
     assert needle in one_line_error(write_params(tmp_path, lambda d: d["quantize"].update(types=types)))
@@ -140,12 +141,32 @@ def test_quantize_types_are_checked(tmp_path, types, needle):
 @pytest.mark.parametrize("name, needle", [
     ("finetuned", "quantize.recipes.finetuned: 'finetuned' is the unquantized finetuned variant's name"),
     ("emb-imat", "quantize.recipes.emb-imat: a recipe name must not end in -imat"),
+    ("emb-gptq", "quantize.recipes.emb-gptq: a recipe name must not end in -gptq"),
 ])
 def test_recipe_names_cannot_collide_with_other_variants(tmp_path, name, needle):
     def edit(doc):
         doc["quantize"]["recipes"][name] = doc["quantize"]["recipes"]["emb-q4"]
 
     assert needle in one_line_error(write_params(tmp_path, edit))
+
+
+def test_gptq_levels_need_the_covariances_and_a_damping_in_range(tmp_path):
+    def no_covariance(doc):
+        doc["imatrix"]["covariance"] = False
+        doc["quantize"]["types"] = ["q4_0", "iq4_nl-gptq"]
+
+    assert "quantize.types has iq4_nl-gptq" in one_line_error(write_params(tmp_path, no_covariance))
+    assert "imatrix.covariance: true" in one_line_error(write_params(tmp_path, no_covariance))
+    for damp in (0, -0.1, 1.5):
+        path = write_params(tmp_path, lambda d, v=damp: d["quantize"]["gptq"].update(damp=v))
+        assert "quantize.gptq.damp must be in (0, 1]" in one_line_error(path)
+
+
+def test_the_gptq_levels_are_the_formats_gptq_writes():
+    from alpaca_lora_cpu.gptq import FORMATS
+    from alpaca_lora_cpu.variants import GPTQ_LEVELS
+
+    assert set(GPTQ_LEVELS) == set(FORMATS)
 
 
 # Every command-line entry point with its options (given dummy paths: the params check comes first): the stages'
@@ -156,6 +177,8 @@ ENTRY_POINTS = {
     "tools.serve": ("model",),
     "tools.bench_serve": ("gguf",),
     "tools.bench_infer": ("gguf",),
+    "tools.bench_autoround": ("src", "imatrix"),
+    "tools.bench_gptq": ("src", "imatrix"),
     "tools.bench_finetune": (),
     "tools.sweep": ("grid", "doc", "source"),
     "tools.plan": (),

@@ -137,9 +137,11 @@ def test_report_table_targets_plots(evaluated):
         assert f"| {variant} |" in text
     assert "Building a website can be done in 10 simple steps:" in text
     # PPL ratio, leaks, repetition, instruction following (vs base), q8_0 KLD, q8_0 top-1, q4_0 speed, the best
-    # variant within q4_0's size; the imatrix targets have no -imat variants here, so they are "not measured"
+    # variant within q4_0's size, the best level in q4_0's format; the imatrix targets have no -imat variants
+    # here, so they are "not measured"
     decided = text.count("**met**") + text.count("**missed**") + text.count("*undecided*")
-    assert decided == 8 and "3 not measured (95% intervals" in text
+    assert decided == 9 and "3 not measured (95% intervals" in text
+    assert "best level in the tutorial's q4_0 format (q4_0): mean KLD" in text
     assert "not measured: imatrix effect on q4_0" in text and "## Quantization" in text
     assert "## Instruction following" in text and "vs base |" in text and "vs finetuned |" in text
     assert "fine-tuned response PPL ≤ 0.95 × the base model's (on " in text
@@ -152,7 +154,7 @@ def test_report_table_targets_plots(evaluated):
     assert "kld_mean_lo" in table[0] and "if_prompt_strict_hi" in table[0]
     summary = json.loads((evaluated / "reports/metrics/report.details.json").read_text())
     assert summary["variants"] == 4
-    assert summary["targets_met"] + summary["targets_missed"] + summary["targets_undecided"] == 8
+    assert summary["targets_met"] + summary["targets_missed"] + summary["targets_undecided"] == 9
     # report.json: the recommended model's numbers, under the evaluate metrics' names
     flat = json.loads((evaluated / "reports/metrics/report.json").read_text())
     best = metrics(evaluated, summary["recommended"]["variant"])

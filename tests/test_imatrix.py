@@ -9,20 +9,6 @@ from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.imatrix import COUNTS, SUM2, Imatrix, collect, gguf_name, read, write
 
 
-@pytest.fixture(scope="module")
-def tiny_random_llama(tmp_path_factory):
-    """(model, its saved folder): collect reads the folder one layer at a time, the test recomputes from the model."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(folder)
-    return model, folder
-
-
 def collect_from(folder, seqs):
     from transformers import AutoConfig
 

@@ -85,11 +85,20 @@ def test_every_stage_ran_and_its_gates_passed(pipeline):
     # issue 13: the imatrix reaches llama.cpp, the searched recipe fits its budget, the report compares them
     imatrix = metrics(pipeline, "imatrix.json")
     assert imatrix["tensors"] == 210 and imatrix["tokens"] > 0 and imatrix["calibration_source"] == "train"
+    # issue 22: the same pass wrote every layer's input covariances (4 distinct inputs a layer) for the -gptq levels
+    index = json.loads((pipeline / "models/imatrix/hessians/hessians.json").read_text())
+    assert index["tokens"] == imatrix["tokens"] and index["layers"] == 30 and len(index["tensors"]) == 4 * 30
+    # bytes on disk: the fp32 payload (the 135M model's widths) plus one small safetensors header per layer file
+    payload = 4 * 30 * (3 * 576**2 + 1536**2)
+    assert payload < imatrix["hessian_bytes"] < payload + 30 * 4096
     quant = {q: metrics(pipeline, f"quantize/{q}.json") for q in SMALL_QUANTS}
     assert quant["q4_0"]["imatrix"] == 0 and quant["q4_0-imat"]["imatrix_entries"] == 210
     search = metrics(pipeline, "search.json")
     assert quant["searched"]["recipe"] == 1 and quant["searched"]["file_mib"] <= search["budget_mib"]
     assert "## Quantization: importance matrix" in report and "| q4_0 |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| q4_0 | imatrix |"))
+    took = [float(x) for x in row.strip("|").split("|")[-2:]]  # quantize s plain, quantize s (the stages' records)
+    assert took == [round(quant["q4_0"]["quantize_seconds"]), round(quant["q4_0-imat"]["quantize_seconds"])]
 
 
 @pytest.mark.repro

@@ -80,8 +80,17 @@ def test_each_type_is_its_own_dvc_stage(repo_copy, tiny_gguf):
     # quantize@<type> also depends on the imatrix and the searched recipe; plain types read neither
     (repo_copy / "models/imatrix").mkdir(parents=True)
     (repo_copy / "models/imatrix/imatrix.gguf").write_bytes(b"unused by plain levels")
+    # ...and the -gptq levels' input covariances
+    (repo_copy / "models/imatrix/hessians").mkdir()
+    (repo_copy / "models/imatrix/hessians/hessians.json").write_text("{}")
     (repo_copy / "models/search").mkdir(parents=True)
     (repo_copy / "models/search/recipe.json").write_text("{}")
+    # ...and the -ar levels' inputs (the merged checkpoint and the calibration text), which plain types never read
+    (repo_copy / "models/merged").mkdir(parents=True)
+    (repo_copy / "models/merged/config.json").write_text("{}")
+    prepared = repo_copy / "data/prepared"
+    prepared.mkdir(parents=True, exist_ok=True)
+    (prepared / "train.jsonl").write_text("")
     params = repo_copy / "params.yaml"
     doc = yaml.safe_load(params.read_text())
     doc["quantize"]["types"] = ["q4_0"]

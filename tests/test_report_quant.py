@@ -11,7 +11,8 @@ from alpaca_lora_cpu.report.targets import Evidence, best_within, imatrix_target
 from alpaca_lora_cpu.variants import parse
 
 GOAL = ReportParams(q8_max_kld=0.005, q8_min_top1=0.95, q4_min_speedup=5.0, ppl_ratio_max=0.95,
-                    imatrix_min_kld_cut=0.25, q4_0_size_max_kld=0.10, if_max_drop=0.0, q4_k_m_imat_max_kld=0.04,
+                    imatrix_min_kld_cut=0.25, q4_0_size_max_kld=0.10, q4_0_format_max_kld=0.075, if_max_drop=0.0,
+                    q4_k_m_imat_max_kld=0.04, iq4_nl_gptq_max_kld=0.065,
                     search_min_kld_cut=0.15, budget_variants=("q4_0", "q4_k_m", "q8_0"), recommend_max_mb=100)
 IV = IntervalParams(resamples=1000, confidence=0.95, seed=0)
 # 40 held-out records of 20 positions; how hard each record is, shared by every variant (what pairing exploits)
@@ -97,9 +98,19 @@ def test_section_names_the_calibration_and_recommends_per_budget():
                                 {"tokens": 19000, "chunks": 160, "calibration_source": "train",
                                  "calibration_sha256": "ab" * 32}, {})
     assert "19000 tokens (160 records) of `train`" in text
-    assert "| q4_0 | 92.0 | 0.3000 | 0.1800 | -40% |" in text  # no paired interval given: the point alone
-    paired = quantization_section(VARIANTS, GOAL.budget_variants, {}, {}, {"q4_0": (0.6, 0.55, 0.66)})
-    assert "| q4_0 | 92.0 | 0.3000 | 0.1800 | -40% [-45, -34] |" in paired
+    assert "| q4_0 | imatrix | 92.0 | 0.3000 | 0.1800 | -40% |" in text  # no paired interval: the point alone
+    with_ar = {**VARIANTS, "q4_0-ar": m(92, 0.12)}
+    paired = quantization_section(with_ar, GOAL.budget_variants, {}, {},
+                                  {"q4_0-imat": (0.6, 0.55, 0.66), "q4_0-ar": (0.4, 0.35, 0.45)})
+    assert "| q4_0 | imatrix | 92.0 | 0.3000 | 0.1800 | -40% [-45, -34] |" in paired
+    assert "| q4_0 | AutoRound | 92.0 | 0.3000 | 0.1200 | -60% [-65, -55] |" in paired
+    assert "| q2_k | AutoRound" not in paired  # no q2_k-ar evaluated
+    with_gptq = {**with_ar, "q4_0-gptq": m(92, 0.09)}
+    table = quantization_section(with_gptq, GOAL.budget_variants, {}, {}, seconds={"q4_0": 1.2, "q4_0-gptq": 113.4})
+    assert "| q4_0 | GPTQ | 92.0 | 0.3000 | 0.0900 | -70% |" in table
+    gptq_row = next(line for line in table.splitlines() if line.startswith("| q4_0 | GPTQ"))
+    ar_row = next(line for line in table.splitlines() if line.startswith("| q4_0 | AutoRound"))
+    assert gptq_row.endswith("| 1 | 113 |") and ar_row.endswith("| 1 | – |")  # the quantize time, where recorded
     assert "- ≤ q4_0 (92.0 MB): **searched**" in text and "- ≤ q8_0 (145.0 MB): **q8_0**" in text
 
 
@@ -107,3 +118,26 @@ def test_section_names_the_calibration_and_recommends_per_budget():
 def test_cut_params_are_shares(bad):
     with pytest.raises(ValueError, match="report.imatrix_min_kld_cut must be in"):
         ReportParams(**{**GOAL.__dict__, "imatrix_min_kld_cut": bad})
+
+
+def test_the_q4_0_format_target_takes_the_best_of_plain_imatrix_and_autoround():
+    assert parse("q4_0-ar", {}).kind == "autoround"
+    goals = {g["target"].split(" (")[0]: g for g in imatrix_targets(evidence(VARIANTS), GOAL, {})}
+    fmt = goals["best level in the tutorial's q4_0 format"]
+    assert fmt["status"] == "missed" and fmt["numbers"].startswith("q4_0-imat: 0.1800 [")  # 0.18 > 0.075
+    ar = {**VARIANTS, "q4_0-ar": m(92, 0.05)}
+    goals = {g["target"].split(" (")[0]: g for g in imatrix_targets(evidence(ar), GOAL, {})}
+    fmt = goals["best level in the tutorial's q4_0 format"]
+    assert fmt["status"] == "met" and fmt["numbers"].startswith("q4_0-ar: 0.0500 [")
+    assert "q4_0, q4_0-imat, q4_0-ar" in fmt["target"]
+
+
+def test_the_gptq_levels_count_in_the_q4_0_format_target_and_iq4_nl_gptq_has_its_own():
+    assert parse("q4_0-gptq", {}).kind == "gptq" and parse("iq4_nl-gptq", {}).level == "iq4_nl"
+    v = {**VARIANTS, "q4_0-gptq": m(92, 0.07), "iq4_nl-gptq": m(92.1, 0.08)}
+    goals = {g["target"].split(" (")[0]: g for g in imatrix_targets(evidence(v), GOAL, {})}
+    fmt = goals["best level in the tutorial's q4_0 format"]
+    assert fmt["numbers"].startswith("q4_0-gptq: 0.0700 [") and "q4_0-gptq" in fmt["target"]
+    iq4 = goals["iq4_nl-gptq mean KLD ≤ 0.065"]
+    assert iq4["status"] in ("missed", "undecided") and iq4["numbers"].startswith("0.0800")
+    assert "iq4_nl-gptq mean KLD ≤ 0.065" not in {g["target"] for g in imatrix_targets(evidence(VARIANTS), GOAL, {})}

@@ -71,7 +71,7 @@ def commands(w: Path) -> list[tuple[str, list[str], list[Path]]]:
         ("convert", ["stages.convert", *p, "--model", f"{w}/merged", *val, "--out", f"{w}/reference.gguf",
                      "--metrics", f"{w}/m/convert.json"], []),
         ("imatrix", ["stages.imatrix", *p, "--merged", f"{w}/merged", "--data", f"{w}/data", "--out",
-                     f"{w}/imatrix.gguf", "--metrics", f"{w}/m/imatrix.json"], []),
+                     f"{w}/imatrix.gguf", "--hessians", f"{w}/hessians", "--metrics", f"{w}/m/imatrix.json"], []),
         ("quantize@q4_0", quantize("q4_0"), []),
         ("quantize@q4_k_m", quantize("q4_k_m"), []),
         ("reference", ["stages.reference", *p, "--gguf", f"{w}/reference.gguf", "--merged", f"{w}/merged", *val,

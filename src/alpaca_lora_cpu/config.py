@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.variants import check_names, check_weight_type
+from alpaca_lora_cpu.variants import GPTQ, check_names, check_weight_type
 
 T = TypeVar("T")
 PARAMS_FILE = "params.yaml"
@@ -215,6 +215,7 @@ class ImatrixParams:
     max_tokens: int   # calibration tokens in all
     chunk_size: int   # each record is cut to this many tokens
     batch_tokens: int  # records run together through each layer, padded to at most this many tokens a batch
+    covariance: bool  # also write each decoder linear's full input covariance Σ x xᵀ (the -gptq levels read it)
 
     def __post_init__(self) -> None:
         check_min("imatrix", self, 2, "max_tokens", "chunk_size")
@@ -232,9 +233,34 @@ class RecipeParams:
     overrides: dict[str, str]     # regex on tensor names → GGML type, first match wins (llama.cpp tt_overrides)
 
 @dataclass(frozen=True)
+class AutoRoundParams:
+    iters: int        # SignRound steps per decoder block; 0 = auto-round's optimised round-to-nearest
+    nsamples: int     # calibration rows (the imatrix's calibration text, packed)
+    seqlen: int       # tokens per calibration row
+    batch_size: int   # rows per tuning step
+    seed: int
+
+    def __post_init__(self) -> None:
+        check_min("quantize.autoround", self, 0, "iters", "seed")
+        check_min("quantize.autoround", self, 1, "nsamples", "batch_size")
+        check_min("quantize.autoround", self, 16, "seqlen")
+
+
+@dataclass(frozen=True)
+class GptqParams:
+    damp: float       # added to H's diagonal as damp · mean(diag H) before its Cholesky (GPTQ's percdamp)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp <= 1:
+            raise ValueError(f"quantize.gptq.damp must be in (0, 1], got {self.damp}")
+
+
+@dataclass(frozen=True)
 class QuantizeParams:
-    types: tuple[str, ...]  # llama.cpp levels (<type> or <type>-imat) and recipe names; one quantize@<entry> each
+    types: tuple[str, ...]  # llama.cpp levels (<type>, -imat, -ar, -gptq) and recipe names; one quantize@ each
     recipes: dict[str, RecipeParams]
+    autoround: AutoRoundParams  # the -ar levels
+    gptq: GptqParams  # the -gptq levels
 
     def __post_init__(self) -> None:
         if not self.types:
@@ -352,6 +378,8 @@ class ReportParams:
     ppl_ratio_max: float       # fine-tuned response PPL must be at most this × the base model's
     imatrix_min_kld_cut: float  # the imatrix must lower q4_0's, q4_k_m's and q2_k's mean KLD by this share
     q4_0_size_max_kld: float    # the best variant no larger than q4_0 must reach this mean KLD
+    q4_0_format_max_kld: float  # the best variant in the tutorial's format (q4_0, -imat, -ar, -gptq) must reach this
+    iq4_nl_gptq_max_kld: float  # iq4_nl-gptq must reach this mean KLD
     if_max_drop: float          # fine-tuned prompt-level IF accuracy: at least the base's minus this (0: no worse)
     q4_k_m_imat_max_kld: float  # q4_k_m with the imatrix must reach this mean KLD
     search_min_kld_cut: float   # searched vs every stock imatrix level no larger: mean KLD lower by this share
@@ -392,6 +420,12 @@ class Params:
     evaluate: EvaluateParams
     intervals: IntervalParams
     report: ReportParams
+
+    def __post_init__(self) -> None:
+        gptq = [t for t in self.quantize.types if t.endswith(GPTQ)]
+        if gptq and not self.imatrix.covariance:
+            raise ValueError(f"quantize.types has {gptq[0]}, which GPTQ rounds over the input covariances: set "
+                             "imatrix.covariance: true (or drop the -gptq levels)")
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from alpaca_lora_cpu.errors import StageError
+from alpaca_lora_cpu.variants import AR, GPTQ, IMAT
 
 GB = 1e9
 OVERHEAD = 0.8e9      # a stage with python, torch, transformers and mlflow imported: 0.35-0.6 GB measured, once 0.75
@@ -39,6 +40,15 @@ TRAIN_STEP_OVERHEAD = 1.48e-3
 LLAMA_PP = 0.8        # llama.cpp prompt processing of the real model, against the synthetic model's rate
 LLAMA_TG = 0.6        # llama.cpp generation: bytes of weights read per second, against the memory bandwidth
 QUANT_SLOW = {"iq": 4.0, "_k": 6.0}  # quantizing i-quants and k-quants takes longer than q4_0/q8_0
+# AutoRound (quantize@<level>-ar), fitted on an AVX-512 BF16 EPYC (fp32 184 GFLOP/s), q4_0 of the 135M model:
+AR_RTN = 7.5e-7       # seconds a parameter of its iters-0 pass (load, optimised RTN, export): 107 s measured
+AR_TUNING = 1.25      # SignRound's steps against the fp32 matmul rate: iters 25 took 468 s, 361 s more than 0
+                      # (auto-round autocasts to bf16 where it can; on a CPU with slow bf16 this is a guess)
+AR_ACTIVATIONS = 16   # bytes a calibration token × hidden: each block's cached fp32 inputs and outputs
+# GPTQ (quantize@<level>-gptq), fitted on the 2-core Intel Xeon (fp32 357 GFLOP/s): q4_0 of the 135M model took
+# 113 s and iq4_nl 125 s for 106 M decoder weights, nearly all of it the per-column steps and each block's scale
+# search (elementwise work on every weight), not the rows × cols² error-update matmuls (1.3 s at that rate).
+GPTQ_PER_WEIGHT = 1.1e-6  # seconds a decoder weight
 QUANT_BUFFERS = 0.55  # bytes per parameter llama.cpp's quantizer holds (0.78 / 1.84 / 4.0 GB at 1B / 3B / 7B)
 # llama.cpp repacks q4_0/iq4_nl/q8_0 weights for its AVX kernels into memory of its own: a copy of the file
 REPACKED = ("q4_0", "q4_k_m", "iq4_nl", "q8_0", "q4_k")
@@ -200,6 +210,38 @@ def _quantize_seconds(s: Shape, kind: str, r: dict) -> float:
     return s.params * slow / r.get("quantize_q4_0_params_per_s", 1e8) + s.size("f16") / DISK
 
 
+def _level(t: str) -> str:
+    """The llama.cpp level a quantize.types entry is sized as (recipes and `searched`: about q4_0)."""
+    level = t.removesuffix(IMAT).removesuffix(AR).removesuffix(GPTQ)
+    return level if level in BPW else "q4_0"
+
+
+def _autoround_seconds(p: Any, s: Shape, r: dict) -> float:
+    """AutoRound: its optimised round-to-nearest pass over the model, then `iters` SignRound steps a block, each
+    a forward and backward of the block over one batch of calibration rows."""
+    ar = p.quantize.autoround
+    batch = min(ar.batch_size, ar.nsamples) * ar.seqlen
+    tuning = ar.iters * 6 * s.params * batch / (r["fp32_gflops"] * 1e9 * AR_TUNING)
+    return AR_RTN * s.params + s.size("float32") / DISK + tuning
+
+
+def _covariance_elements(s: Shape) -> int:
+    """Entries of one decoder layer's input covariances: q/k/v, o and gate/up read hidden-wide inputs, down an
+    ffn-wide one (gptq.SHARED)."""
+    return 3 * s.hidden ** 2 + s.ffn ** 2
+
+
+def _gptq_cost(t: str, s: Shape, r: dict) -> tuple[float, float]:
+    """(seconds, bytes) of a -gptq level: llama.cpp's plain and imatrix files of the level, then GPTQ a tensor
+    at a time: the widest input's H in fp64 with its Cholesky factors (4 copies), the weight in fp32 (3)."""
+    weights = s.layers * s.layer_params
+    seconds = (2 * _quantize_seconds(s, _level(t), r) + GPTQ_PER_WEIGHT * weights
+               + 2 * s.layers * (s.hidden * _covariance_elements(s) + s.hidden * s.ffn ** 2)
+               / (r["fp32_gflops"] * 1e9 * LAYERWISE))
+    widest = max(s.hidden, s.ffn)
+    return seconds, OVERHEAD + max(QUANT_BUFFERS * s.params, 32 * widest ** 2 + 12 * s.hidden * s.ffn)
+
+
 # Rates to plan memory with when no measurement is at hand (a stage checking its own peak): times are then rough.
 ROUGH = {"fp32_gflops": 100.0, "bf16_gflops": 100.0, "bandwidth_bytes_per_s": 10e9}
 
@@ -249,10 +291,14 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
     out.append(Cost("convert@finetuned", _forward_seconds(s, gc, r) + _pp_seconds(s, gc, "f16", r)
                     + (s.size(export) + s.size(ref)) / DISK, hf_side, max(0.0, llama_side - hf_side),
                     hint="convert.gate_prompts, convert.gate_max_tokens, convert.outtype (q8_0)"))
-    out.append(Cost("imatrix", _forward_seconds(s, w.imatrix_tokens, r),
+    # with imatrix.covariance: Σ x xᵀ of each layer's four inputs over every token, one layer's held in fp64
+    cov = _covariance_elements(s) if p.imatrix.covariance else 0
+    out.append(Cost("imatrix", _forward_seconds(s, w.imatrix_tokens, r)
+                    + 2 * w.imatrix_tokens * cov * s.layers / (r["fp32_gflops"] * 1e9 * LAYERWISE)
+                    + 4 * cov * s.layers / DISK,
                     OVERHEAD + _layerwise_peak(s, max(1, w.imatrix_tokens // p.imatrix.batch_tokens),
-                                               w.imatrix_tokens, 0) + 8 * 7 * s.layers * s.ffn,
-                    hint="imatrix.batch_tokens, imatrix.max_tokens"))
+                                               w.imatrix_tokens, 0) + 8 * 7 * s.layers * s.ffn + 2 * 8 * cov,
+                    hint="imatrix.batch_tokens, imatrix.max_tokens, imatrix.covariance (false)"))
     types = list(dict.fromkeys([*(t.lower() for t in p.search.types), "q8_0"]))
     candidates = 1 + 6 * (len(types) - 1) + p.search.verify
     out.append(Cost("search", sum(_quantize_seconds(s, t, r) for t in types)
@@ -264,7 +310,17 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
                     hint="search.calibration_tokens, search.types, search.verify"))
     variants = [t for t in p.quantize.types]
     for t in variants:
-        kind = t.removesuffix("-imat") if t.removesuffix("-imat") in BPW else "q4_0"
+        kind = _level(t)
+        if t.endswith(AR):  # llama.cpp's file of the level, then AutoRound on the whole fp32 model
+            out.append(Cost(f"quantize@{t}", 2 * _quantize_seconds(s, kind, r) + _autoround_seconds(p, s, r),
+                            OVERHEAD + 4 * s.params + AR_ACTIVATIONS * p.quantize.autoround.nsamples
+                            * p.quantize.autoround.seqlen * s.hidden, s.size(ref),
+                            hint=f"quantize.autoround.nsamples, quantize.types (drop {t})"))
+            continue
+        if t.endswith(GPTQ):
+            seconds, memory = _gptq_cost(t, s, r)
+            out.append(Cost(f"quantize@{t}", seconds, memory, s.size(ref), hint=f"quantize.types (drop {t})"))
+            continue
         out.append(Cost(f"quantize@{t}", _quantize_seconds(s, kind, r) + 2.0,
                         LLAMA_OVERHEAD + QUANT_BUFFERS * s.params, s.size(ref), hint=f"quantize.types (drop {t})"))
     hf = 4.2 * s.params
@@ -275,8 +331,7 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
                     s.size(ref), hint="reference.max_records, reference.max_response_tokens"))
     speed = p.evaluate.speed
     for name in ["base", "finetuned", *variants]:
-        kind = ref if name in ("base", "finetuned") else (name.removesuffix("-imat")
-                                                          if name.removesuffix("-imat") in BPW else "q4_0")
+        kind = ref if name in ("base", "finetuned") else _level(name)
         pp = w.scored_tokens + (speed.runs + 1) * speed.prompt_tokens
         tg = w.generated_tokens + (speed.runs + 1) * speed.gen_tokens
         out.append(Cost(f"evaluate@{name}", _pp_seconds(s, pp, kind if kind in ("q4_0", "q8_0", "f16") else "q4_0", r)

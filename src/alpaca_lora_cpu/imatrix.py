@@ -11,6 +11,10 @@ File layout (llama.cpp tools/imatrix, read by llama-quantize --imatrix and commo
   per weight `<gguf tensor name>.in_sum2`  F32 ne [ncols, 1]: Σ x² over the tokens
              `<gguf tensor name>.counts`   F32 ne [1, 1]:     the token count
 The quantizer's value for a column is in_sum2 / counts.
+
+`collect(..., covariance=sink)` also sums each input's whole covariance Σ x xᵀ in the same pass and hands it to
+`sink` a layer at a time (the imatrix stage writes it for the -gptq levels, alpaca_lora_cpu/gptq.py); in_sum2 is
+then its diagonal.
 """
 from __future__ import annotations
 
@@ -51,24 +55,44 @@ def gguf_name(hf_module: str, n_layers: int) -> str:
 
 
 def collect(config: Any, get: Callable[[str], Any], sequences: list[list[int]],
-            progress: Callable[[int], None] | None = None, batch_tokens: int = 4096
+            progress: Callable[[int], None] | None = None, batch_tokens: int = 4096,
+            covariance: Callable[[int, dict[str, Any]], None] | None = None
             ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Σ x² and token counts of the input of every nn.Linear inside the decoder layers, over `sequences`, from the
     checkpoint `get` reads (layerwise.forward). The LM head is left out, as llama-imatrix does without
-    --process-output."""
+    --process-output. With `covariance`, the same pass also sums each input's whole Σ x xᵀ (fp32 products a
+    batch, summed in fp64; q/k/v and gate/up once, gptq.SHARED) and hands `covariance(layer, {name: H})` each
+    layer's as soon as the layer is done, so only one layer's are ever held; Σ x² is then H's diagonal."""
+    from alpaca_lora_cpu.gptq import shared_name
     from alpaca_lora_cpu.layerwise import forward
 
     n_layers = config.num_hidden_layers
     sums: dict[str, Any] = {}
     counts: dict[str, int] = {}
+    layer: dict[str, Any] = {}  # this layer's Σ x xᵀ, by shared name
 
     def record(module: str, x: Any) -> None:
         name = gguf_name(module, n_layers)
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        sums[name] = sums[name] + (x * x).sum(0) if name in sums else (x * x).sum(0)
+        x = x.detach().reshape(-1, x.shape[-1])
         counts[name] = counts.get(name, 0) + x.shape[0]
+        if covariance is None:
+            x = x.double()
+            sums[name] = sums[name] + (x * x).sum(0) if name in sums else (x * x).sum(0)
+        elif shared_name(name) == name:
+            x = x.float()
+            xx = (x.T @ x).double()
+            layer[name] = layer[name] + xx if name in layer else xx
 
-    forward(config, get, sequences, on_input=record, logits=False, progress=progress, batch_tokens=batch_tokens)
+    def done(i: int) -> None:
+        if covariance is not None:
+            for name in (n for n in counts if n.startswith(f"blk.{i}.")):
+                sums[name] = layer[shared_name(name)].diagonal().clone()
+            covariance(i, dict(layer))
+            layer.clear()
+        if progress:
+            progress(i)
+
+    forward(config, get, sequences, on_input=record, logits=False, progress=done, batch_tokens=batch_tokens)
     return {n: s.numpy() for n, s in sums.items()}, counts
 
 
@@ -128,3 +152,4 @@ def c_array(means: dict[str, np.ndarray]) -> tuple[Any, list]:
         entries[i].size = buf.size
     entries[len(means)].name = None
     return entries, keep
+

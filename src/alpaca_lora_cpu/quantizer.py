@@ -38,6 +38,8 @@ class Plan:
     output: str | None = None
     overrides: tuple[tuple[str, str], ...] = ()  # (regex on tensor names, GGML type name)
     recipe: bool = False        # per-tensor types from a recipe (quantize.recipes or searched)
+    autoround: bool = False     # <level>-ar: the level's tensors then rounded by AutoRound (autoround.py)
+    gptq: bool = False          # <level>-gptq: the level's tensors then rounded by GPTQ (gptq.py)
 
 
 def valid_tensor_types() -> dict[str, int]:
@@ -63,7 +65,8 @@ def read_recipe(path: Path) -> RecipeParams:
 
 def plan_for(entry: str, recipes: dict[str, RecipeParams], searched: Path | None = None) -> Plan:
     """quantize.types entry → Plan: a recipe name, `searched` (the search stage's recipe file), or <type> /
-    <type>-imat (q4_k_m-imat: with the imatrix)."""
+    <type>-imat (q4_k_m-imat: with the imatrix), <type>-ar (q4_0-ar: rounded by AutoRound), <type>-gptq
+    (iq4_nl-gptq: rounded by GPTQ)."""
     if entry == SEARCHED and entry not in recipes:
         if searched is None:
             raise StageError("quantize.types has `searched` but no --searched recipe file was given")
@@ -78,7 +81,7 @@ def plan_for(entry: str, recipes: dict[str, RecipeParams], searched: Path | None
                     r.output and r.output.upper(), tuple((k, v.upper()) for k, v in r.overrides.items()), recipe=True)
     else:
         v = parse(entry, recipes)
-        plan = Plan(entry, v.level, v.imatrix)
+        plan = Plan(entry, v.level, v.imatrix, autoround=v.kind == "autoround", gptq=v.kind == "gptq")
     check_type(plan)
     return plan
 

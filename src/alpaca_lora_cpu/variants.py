@@ -8,7 +8,9 @@ A variant is one GGUF file the evaluation scores:
     <entry>                each entry of quantize.types (quantize@<entry>): models/gguf/finetuned-<entry>.gguf
 
 A quantize.types entry is a llama.cpp level (`q4_k_m`), a level quantized with the importance matrix
-(`q4_k_m-imat`), a recipe name from quantize.recipes, or `searched` (the recipe the search stage writes).
+(`q4_k_m-imat`), a level rounded by AutoRound into llama.cpp's layout (`q4_0-ar`: alpaca_lora_cpu/autoround.py), a
+level rounded by GPTQ into ggml's blocks (`iq4_nl-gptq`: alpaca_lora_cpu/gptq.py), a recipe name from
+quantize.recipes, or `searched` (the recipe the search stage writes).
 `parse` turns any variant name into what it is; dvc.yaml's evaluate stages follow the same stems (a test checks
 that they agree).
 """
@@ -22,10 +24,16 @@ BASE = "base"
 FINETUNED = "finetuned"          # the reference every other variant is compared with
 UNQUANTIZED = (BASE, FINETUNED)  # evaluated from convert's outputs, not quantized
 IMAT = "-imat"                   # <level>-imat: the level quantized with the importance matrix
+AR = "-ar"                       # <level>-ar: the level's tensors rounded by AutoRound (SignRound)
+# The levels auto-round's GGUF export writes (auto_round/export/export_to_gguf/config.py); no i-quants.
+AR_LEVELS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
+             "q5_k_s", "q5_k_m", "q6_k")
+GPTQ = "-gptq"                   # <level>-gptq: the level's tensors rounded by GPTQ over the input covariances
+GPTQ_LEVELS = ("q4_0", "iq4_nl")  # the formats gptq.py writes (gptq.FORMATS; a test checks they agree)
 SEARCHED = "searched"            # the quantize.types entry whose recipe the search stage writes
 GGUF_DIR = "models/gguf"
 
-Kind = Literal["base", "reference", "plain", "imatrix", "i-quant", "recipe"]
+Kind = Literal["base", "reference", "plain", "imatrix", "i-quant", "autoround", "gptq", "recipe"]
 
 # GGML tensor types llama.cpp's quantizer can store a weight in (recipe overrides, search.types): gguf-py's
 # GGMLQuantizationType less the integer and f64 types, the dot-product-only Q8_1/Q8_K and the ternary TQ types
@@ -73,6 +81,10 @@ def parse(name: str, recipes: Mapping[str, Any]) -> Variant:
         return Variant(name, "recipe", r.type, bool(r.imatrix), name)
     if name == SEARCHED:
         return Variant(name, "recipe", None, True, SEARCHED)  # the search stage only searches with the imatrix
+    if name.endswith(AR):
+        return Variant(name, "autoround", name.removesuffix(AR), False, None)
+    if name.endswith(GPTQ):
+        return Variant(name, "gptq", name.removesuffix(GPTQ), False, None)
     imatrix = name.endswith(IMAT)
     level = name.removesuffix(IMAT)
     kind: Kind = "i-quant" if level.startswith("iq") else "imatrix" if imatrix else "plain"
@@ -105,9 +117,22 @@ def check_names(types: Iterable[str], recipe_names: Iterable[str]) -> None:
         if name.endswith(IMAT):
             raise ValueError(f"quantize.recipes.{name}: a recipe name must not end in {IMAT} (that suffix asks a "
                              "level for the importance matrix; set the recipe's imatrix: true)")
+        if name.endswith(AR):
+            raise ValueError(f"quantize.recipes.{name}: a recipe name must not end in {AR} (that suffix asks a "
+                             "level rounded by AutoRound)")
+        if name.endswith(GPTQ):
+            raise ValueError(f"quantize.recipes.{name}: a recipe name must not end in {GPTQ} (that suffix asks a "
+                             "level rounded by GPTQ)")
         if name in UNQUANTIZED:
             raise ValueError(f"quantize.recipes.{name}: {name!r} is the unquantized {name} variant's name")
     for name in types:
         if name in UNQUANTIZED:
             raise ValueError(f"quantize.types: {name!r} is an unquantized variant (evaluated from convert@{name}), "
                              "not a quantization type")
+        if name.endswith(AR) and name.removesuffix(AR) not in AR_LEVELS:
+            raise ValueError(f"quantize.types: auto-round does not write {name.removesuffix(AR)!r} as GGUF; "
+                             f"-ar levels: {', '.join(AR_LEVELS)}")
+        if name.endswith(GPTQ) and name.removesuffix(GPTQ) not in GPTQ_LEVELS:
+            raise ValueError(f"quantize.types: GPTQ rounding is written for {', '.join(GPTQ_LEVELS)} blocks, not "
+                             f"{name.removesuffix(GPTQ)!r}; -gptq levels: "
+                             f"{', '.join(level + GPTQ for level in GPTQ_LEVELS)}")

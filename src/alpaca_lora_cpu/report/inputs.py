@@ -28,6 +28,7 @@ class Sources:
     imatrix: Path | None = None   # reports/metrics/imatrix.json
     search: Path | None = None    # reports/metrics/search.json
     finetune: Path | None = None  # reports/metrics/finetune.json
+    quantized: Path | None = None  # reports/metrics/quantize: <entry>.json and .details.json (quantize times)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Inputs:
     calibration: dict                  # the imatrix stage's record ({} when absent)
     search: dict                       # the search stage's record ({} when absent)
     finetune: dict                     # the finetune stage's flat metrics ({} when absent)
+    quantize_seconds: dict[str, float]  # quantize.types entry → its quantize@ stage's seconds (where recorded)
     loss: dict[str, list[tuple[float, float]]]
 
 
@@ -62,8 +64,11 @@ def load(names: list[str], src: Sources) -> Inputs:
     def optional(path: Path | None, what: str, read=read_details) -> dict:
         return read(path, what) if path and path.is_file() else {}
 
+    took = {v: optional(src.quantized / f"{v}.json", f"quantize@{v} metrics", read_json).get("seconds")
+            for v in names} if src.quantized else {}
     return Inputs(ref, found, gens, optional(src.imatrix, "imatrix metrics"), optional(src.search, "search metrics"),
-                  optional(src.finetune, "finetune metrics", read_json), read_loss(src.loss))
+                  optional(src.finetune, "finetune metrics", read_json),
+                  {v: float(s) for v, s in took.items() if isinstance(s, (int, float))}, read_loss(src.loss))
 
 
 def require(record: object, paths: tuple[str, ...], where: Path, hint: str) -> None:

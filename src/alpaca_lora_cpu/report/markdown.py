@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from alpaca_lora_cpu.metric_table import METRICS, formatted
 from alpaca_lora_cpu.report.inputs import Inputs
 from alpaca_lora_cpu.report.targets import best_within
-from alpaca_lora_cpu.variants import BASE, FINETUNED, IMAT
+from alpaca_lora_cpu.variants import AR, BASE, FINETUNED, GPTQ, IMAT
 
 COMPARE_VARIANTS = (FINETUNED, "q4_0", "q2_k")  # answers to the first showcase prompt, side by side
 MARKS = {"met": "**met**", "missed": "**missed**", "undecided": "*undecided*", "not measured": "not measured"}
@@ -62,26 +62,40 @@ def instruction_following(rows: list[dict], paired: dict[str, tuple], ref: dict)
     return "\n".join(lines)
 
 
+def against_plain(v: dict[str, dict]) -> dict[str, str]:
+    """Each imatrix (<level>-imat), AutoRound (<level>-ar) and GPTQ (<level>-gptq) variant → its llama.cpp level,
+    where both were evaluated: the pairs the quantization table compares."""
+    return {name: name.removesuffix(suffix) for name in v for suffix in (IMAT, AR, GPTQ)
+            if name.endswith(suffix) and name.removesuffix(suffix) in v}
+
+
 def quantization_section(v: dict[str, dict], budgets: tuple[str, ...], calibration: dict, search: dict,
-                         changes: dict[str, tuple[float, float, float]] | None = None) -> str:
-    """Plain vs imatrix per level (`changes`: the paired KLD ratio imatrix ÷ plain with its interval), the
-    recommendation per size budget, the calibration set and the search."""
-    changes = changes or {}
+                         changes: dict[str, tuple[float, float, float]] | None = None,
+                         seconds: dict[str, float] | None = None) -> str:
+    """Per level, llama.cpp's plain rounding against the imatrix's, AutoRound's and GPTQ's at the same level
+    (`changes`: each variant's paired KLD ratio ÷ plain with its interval), the recommendation per size budget,
+    the calibration set and the search; `seconds`: each variant's quantize time (its quantize@ stage's record)."""
+    changes, seconds = changes or {}, seconds or {}
+
+    def took(name: str) -> str:
+        return f"{seconds[name]:.0f}" if name in seconds else "–"
     lines = [f"Importance matrix: {calibration.get('tokens', '?')} tokens ({calibration.get('chunks', '?')} "
              f"records) of `{calibration.get('calibration_source', '?')}` (sha256 "
-             f"`{str(calibration.get('calibration_sha256', '?'))[:16]}…`), disjoint from the val split scored here.",
-             "", "| level | size MB | KLD plain | KLD imatrix | change (paired 95%) | top-1 % plain | "
-             "top-1 % imatrix |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, m in v.items():
-        level = name.removesuffix(IMAT)
-        if name.endswith(IMAT) and level in v:
-            plain = v[level]
-            point, lo, hi = changes.get(level, (m["kld_mean"] / plain["kld_mean"], float("nan"), float("nan")))
-            change = f"{100 * (point - 1):+.0f}%" + (f" [{100 * (lo - 1):+.0f}, {100 * (hi - 1):+.0f}]"
-                                                     if lo == lo else "")
-            lines.append(f"| {level} | {m['size_mb']:.1f} | {plain['kld_mean']:.4f} | {m['kld_mean']:.4f} | "
-                         f"{change} | {100 * plain['top1']:.1f} | {100 * m['top1']:.1f} |")
+             f"`{str(calibration.get('calibration_sha256', '?'))[:16]}…`), disjoint from the val split scored here. "
+             "AutoRound (`-ar`) calibrates on the same text; GPTQ (`-gptq`) rounds over the input covariances "
+             "the same pass collected.",
+             "", "| level | rounding | size MB | KLD plain | KLD | change (paired 95%) | PPL plain | PPL | "
+             "top-1 % plain | top-1 % | quantize s plain | quantize s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, level in against_plain(v).items():
+        m, plain = v[name], v[level]
+        point, lo, hi = changes.get(name, (m["kld_mean"] / plain["kld_mean"], float("nan"), float("nan")))
+        change = f"{100 * (point - 1):+.0f}%" + (f" [{100 * (lo - 1):+.0f}, {100 * (hi - 1):+.0f}]"
+                                                 if lo == lo else "")
+        how = "imatrix" if name.endswith(IMAT) else "GPTQ" if name.endswith(GPTQ) else "AutoRound"
+        lines.append(f"| {level} | {how} | {m['size_mb']:.1f} | {plain['kld_mean']:.4f} | {m['kld_mean']:.4f} | "
+                     f"{change} | {plain.get('ppl', float('nan')):.3f} | {m.get('ppl', float('nan')):.3f} | "
+                     f"{100 * plain['top1']:.1f} | {100 * m['top1']:.1f} | {took(level)} | {took(name)} |")
     lines += ["", "Best variant (lowest mean KLD) within each size:", ""]
     for budget in budgets:
         if budget in v:

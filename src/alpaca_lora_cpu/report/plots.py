@@ -9,6 +9,8 @@ KINDS = {  # variants.Kind → (marker, colour, legend); base is drawn apart
     "plain": ("o", "tab:blue", "llama.cpp level"),
     "imatrix": ("^", "tab:green", "level + imatrix"),
     "i-quant": ("D", "tab:purple", "i-quant + imatrix"),
+    "autoround": ("P", "tab:orange", "level rounded by AutoRound"),
+    "gptq": ("X", "tab:brown", "level rounded by GPTQ"),
     "recipe": ("*", "tab:red", "recipe / searched"),
     "reference": ("s", "black", "finetuned (reference)"),
 }

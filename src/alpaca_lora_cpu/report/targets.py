@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from alpaca_lora_cpu.config import IntervalParams, ReportParams
 from alpaca_lora_cpu.intervals import statistics
 from alpaca_lora_cpu.stats import Ratio, decide, paired
-from alpaca_lora_cpu.variants import BASE, FINETUNED, IMAT, SEARCHED, UNQUANTIZED, parse
+from alpaca_lora_cpu.variants import BASE, FINETUNED, GPTQ, IMAT, SEARCHED, UNQUANTIZED, parse
 
 Records = Mapping[str, Mapping]
 STATUS = {True: "met", False: "missed", None: "undecided"}
@@ -144,6 +144,15 @@ def imatrix_targets(e: Evidence, goal: ReportParams, recipes: Mapping) -> list[d
         out.append(judged(f"best variant no larger than q4_0: mean KLD ≤ {goal.q4_0_size_max_kld:g}",
                           e.single(best, "kld_mean"), goal.q4_0_size_max_kld, "low", "{:.4f}",
                           f"{best} at {v[best]['size_mb']:.1f} MB: "))
+    fmt = {n: m for n, m in v.items() if parse(n, recipes).level == "q4_0" and parse(n, recipes).recipe is None}
+    if fmt:
+        best = min(fmt, key=lambda n: fmt[n]["kld_mean"])
+        out.append(judged(f"best level in the tutorial's q4_0 format ({', '.join(fmt)}): mean KLD ≤ "
+                          f"{goal.q4_0_format_max_kld:g}", e.single(best, "kld_mean"), goal.q4_0_format_max_kld,
+                          "low", "{:.4f}", f"{best}: "))
+    if "iq4_nl" + GPTQ in v:
+        out.append(judged(f"iq4_nl{GPTQ} mean KLD ≤ {goal.iq4_nl_gptq_max_kld:g}",
+                          e.single("iq4_nl" + GPTQ, "kld_mean"), goal.iq4_nl_gptq_max_kld, "low", "{:.4f}"))
     if "q4_k_m" + IMAT in v:
         out.append(judged(f"q4_k_m{IMAT} mean KLD ≤ {goal.q4_k_m_imat_max_kld:g}", e.single("q4_k_m" + IMAT,
                                                                                            "kld_mean"),

@@ -1,0 +1,326 @@
+"""GPTQ rounding (Frantar et al., 2022) written into ggml's own 32-weight blocks: Q4_0 and IQ4_NL.
+
+llama.cpp rounds each block to its nearest grid points, weighted by the imatrix: the diagonal of each layer's
+input covariance H = Σ x xᵀ. GPTQ uses all of H: it rounds a weight column at a time and pushes each column's
+rounding error, through H's inverse Cholesky factor, into the columns not yet rounded, so that the layer's
+output error tr(ΔW H ΔWᵀ) (the "proxy error") falls, not each weight's own.
+
+In ggml's layout a block is 32 consecutive weights of a row, i.e. 32 input columns, so GPTQ's groups are the
+format's blocks: when the pass reaches a block's first column, each row's scale is searched on the
+error-updated weights (`block_scales`, H's diagonal as weights, then least squares for its codes). `refit`
+(each row's scales refit jointly by least squares on the full H after the pass) is opt-in: it lowered the
+summed proxy error a further 14% on the 135M model's q4_0 but raised held-out KLD from 0.108 to 0.249 (make
+bench-gptq, docs/benchmarks.md): jointly fit scales follow the calibration tokens' few huge-activation
+directions, which the held-out text does not share.
+The result is the exact block bytes (`pack`), which `write` puts in place of llama.cpp's in a copy of llama.cpp's
+file of the same level: same types, size, metadata and every other tensor.
+
+Used by the quantize stage's -gptq levels (over the covariance folder the imatrix stage writes: `Hessians`) and
+tools/bench_gptq.py (make bench-gptq). Cost per weight matrix (rows × cols): one Cholesky of cols × cols,
+rows × cols² flops for the error updates (as one matmul per block), and a Python step per column.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alpaca_lora_cpu.errors import StageError
+
+BLOCK = 32  # weights per block in Q4_0 and IQ4_NL (QK4_0, QK4_NL)
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """A ggml format of 32 codes of 4 bits and one fp16 scale a block: weight = d · values[code]."""
+    ggml_type: str               # the GGUF type name
+    values: tuple[int, ...]      # code → level, ascending
+    anchors: tuple[float, ...]   # the scale search's d = m · s / anchor (m: the block's largest-magnitude weight)
+
+    @property
+    def uniform(self) -> bool:
+        return self.values == tuple(range(self.values[0], self.values[0] + len(self.values)))
+
+
+FORMATS = {"q4_0": BlockFormat("Q4_0", tuple(range(-8, 8)), (-8.0, 7.0)),
+           "iq4_nl": BlockFormat("IQ4_NL", IQ4_NL_VALUES, (-127.0, 113.0))}
+SEARCH = (0.70, 1.10, 21)  # multipliers s of each anchor's scale tried: linspace(start, stop, count)
+
+
+def codes(x: Any, fmt: BlockFormat) -> Any:
+    """The nearest code of each x = w / d. Q4_0 is llama.cpp's own arithmetic (quantize_row_q4_0_ref):
+    min(15, (int)(x + 8.5)) in fp32, so ties round up; IQ4_NL: the nearest level, ties to the upper one."""
+    import torch
+
+    if fmt.uniform:
+        return torch.clamp(torch.floor(x + (0.5 - fmt.values[0])), 0, len(fmt.values) - 1).to(torch.long)
+    v = torch.tensor(fmt.values, dtype=torch.float32)
+    return torch.bucketize(x.contiguous(), (v[1:] + v[:-1]) / 2, right=True)
+
+
+def _inverse(d: Any) -> Any:
+    import torch
+
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+
+
+def block_scales(w: Any, h: Any, fmt: BlockFormat, search: bool) -> Any:
+    """Each row's scale for the block `w` (rows × 32): without `search`, llama.cpp's plain one (largest-magnitude
+    weight / the format's first anchor); with it, the candidate (each anchor × SEARCH, then least-squares
+    refit for its codes) of least Σ h (w − d·v)²."""
+    import torch
+
+    m = w.gather(1, w.abs().argmax(1, keepdim=True))  # rows × 1, signed
+    if not search:
+        return (m / fmt.anchors[0])[:, 0]
+    s = torch.linspace(*SEARCH, dtype=torch.float32)
+    d = torch.cat([m * (s / a) for a in fmt.anchors], 1)  # rows × candidates
+    v = torch.tensor(fmt.values, dtype=torch.float32)[codes(w[:, None, :] * _inverse(d)[:, :, None], fmt)]
+    hv = h * v
+    d = torch.where((hv * v).sum(-1) > 0, (hv * w[:, None, :]).sum(-1) / (hv * v).sum(-1).clamp_min(1e-30), d)
+    err = (h * (w[:, None, :] - d.half().float()[:, :, None] * v) ** 2).sum(-1)
+    return d.gather(1, err.argmin(1, keepdim=True))[:, 0]
+
+
+def gptq(weight: Any, hessian: Any, fmt: BlockFormat, damp: float, search: bool = True) -> tuple[Any, Any]:
+    """GPTQ of `weight` (rows × cols, fp32) over `hessian` (cols × cols, Σ x xᵀ): (fp32 scales rows × blocks,
+    codes rows × cols). `damp` adds damp · mean(diag H) to H's diagonal (GPTQ's percdamp)."""
+    import torch
+
+    w = weight.detach().to(torch.float32).clone()
+    rows, cols = w.shape
+    if cols % BLOCK:
+        raise StageError(f"a {rows} × {cols} weight: rows must be whole {BLOCK}-weight blocks")
+    h = hessian.detach().to(torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    diag = torch.diagonal(h).clone()
+    h += damp * diag.mean() * torch.eye(cols, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    diag = diag.to(torch.float32)
+    values = torch.tensor(fmt.values, dtype=torch.float32)
+    scales = torch.empty(rows, cols // BLOCK)
+    q = torch.empty(rows, cols, dtype=torch.long)
+    for b in range(cols // BLOCK):
+        i1, i2 = b * BLOCK, (b + 1) * BLOCK
+        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
+        d = block_scales(w1, diag[i1:i2], fmt, search)
+        d16, inv = d.half().float(), _inverse(d)
+        err = torch.empty(rows, BLOCK)
+        for j in range(BLOCK):
+            c = codes(w1[:, j] * inv, fmt)
+            e = (w1[:, j] - d16 * values[c]) / u1[j, j]
+            w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
+            err[:, j], q[:, i1 + j] = e, c
+        if i2 < cols:
+            w[:, i2:] -= err @ u[i1:i2, i2:]
+        scales[:, b] = d
+    return scales, q
+
+
+def dequantize(scales: Any, q: Any, fmt: BlockFormat) -> Any:
+    """What the block bytes decode to (fp16 scale × level, in fp32): gguf-py's and ggml's dequantization."""
+    import torch
+
+    v = torch.tensor(fmt.values, dtype=torch.float32)[q]
+    return (scales.half().float().repeat_interleave(BLOCK, 1) * v)
+
+
+def proxy_error(weight: Any, approx: Any, hessian: Any) -> Any:
+    """Each row's tr-term (w − ŵ) H (w − ŵ)ᵀ: the layer's summed squared output error over the calibration
+    tokens that H was summed over."""
+    e = (weight.float() - approx.float()).double()
+    return ((e @ hessian.double()) * e).sum(1)
+
+
+def refit(weight: Any, hessian: Any, scales: Any, q: Any, fmt: BlockFormat, rows_at_once: int = 0) -> Any:
+    """Each row's block scales refit for its final codes by least squares on the full H:
+    d = (Kᵀ H K)⁻¹ Kᵀ H w, K the row's levels placed block by block; a row keeps its old scales unless the refit
+    (after fp16 rounding) lowers its proxy error."""
+    import torch
+
+    rows, cols = weight.shape
+    nb = cols // BLOCK
+    h = hessian.double()
+    hb = h.reshape(nb, BLOCK, nb, BLOCK)
+    values = torch.tensor(fmt.values, dtype=torch.float64)
+    step = rows_at_once or max(1, (1 << 25) // (cols * nb))
+    out = scales.clone()
+    for r0 in range(0, rows, step):
+        k = values[q[r0:r0 + step]].reshape(-1, nb, BLOCK)
+        w = weight[r0:r0 + step].double()
+        a = torch.einsum("rcj,bicj->rbic", k, hb)
+        m = torch.einsum("rbi,rbic->rbc", k, a)
+        rhs = torch.einsum("rbi,rbi->rb", k, (w @ h).reshape(-1, nb, BLOCK))
+        m = m + 1e-9 * torch.diagonal(m, dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None, None] * torch.eye(nb)
+        new = torch.linalg.solve(m, rhs[..., None])[..., 0].float()
+        old = scales[r0:r0 + step]
+        better = (proxy_error(w, dequantize(new, q[r0:r0 + step], fmt), h)
+                  < proxy_error(w, dequantize(old, q[r0:r0 + step], fmt), h))
+        out[r0:r0 + step] = torch.where(better[:, None] & torch.isfinite(new), new, old)
+    return out
+
+
+def pack(scales: Any, q: Any) -> bytes:
+    """ggml's block bytes (block_q4_0 / block_iq4_nl): fp16 d, then qs[j] = code[j] | code[j + 16] << 4."""
+    import torch
+
+    d = scales.half().numpy().astype("<f2").view(np.uint8).reshape(*scales.shape, 2)
+    c = q.to(torch.uint8).numpy().reshape(*scales.shape, BLOCK)
+    qs = c[..., :BLOCK // 2] | (c[..., BLOCK // 2:] << 4)
+    return np.concatenate([d, qs], -1).tobytes()
+
+
+# q/k/v read one input, gate/up another: their covariance is summed once, under the first name.
+SHARED = {"attn_k": "attn_q", "attn_v": "attn_q", "ffn_up": "ffn_gate"}
+
+
+def shared_name(name: str) -> str:
+    """blk.3.attn_v.weight → blk.3.attn_q.weight: the tensor whose input covariance this one uses."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[2] in SHARED:
+        return ".".join([parts[0], parts[1], SHARED[parts[2]], parts[3]])
+    return name
+
+
+def covariances(config: Any, get: Callable[[str], Any], sequences: list[list[int]],
+                progress: Callable[[int], None] | None = None, batch_tokens: int = 4096) -> tuple[dict, int]:
+    """Σ x xᵀ (fp64) of every decoder linear's input over `sequences`, keyed by GGUF tensor name (the shared
+    ones once, see SHARED), all held in memory (the imatrix stage writes them a layer at a time instead), from
+    the imatrix's own pass (imatrix.collect); and the token count."""
+    from alpaca_lora_cpu.imatrix import collect
+
+    sums: dict[str, Any] = {}
+    collect(config, get, sequences, progress, batch_tokens, covariance=lambda _, layer: sums.update(layer))
+    return sums, sum(map(len, sequences))
+
+
+HESSIANS_INDEX = "hessians.json"  # in the covariance folder: token count, layers, the files' tensor names
+
+
+def write_layer_hessians(folder: Path, layer: int, sums: dict[str, Any]) -> None:
+    """One decoder layer's input covariances (GGUF names, see SHARED) as `blk.<layer>.safetensors`, fp32: the
+    folder holds one layer at a time in memory, whatever the model's size."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({n: h.to(torch.float32).contiguous() for n, h in sorted(sums.items())},
+              str(folder / f"blk.{layer}.safetensors"))
+
+
+def write_hessians_index(folder: Path, tokens: int, layers: int) -> None:
+    """The folder's index (written last: a folder without it is not a covariance folder)."""
+    import json
+
+    from safetensors import safe_open
+
+    names = {}
+    for i in range(layers):
+        with safe_open(str(folder / f"blk.{i}.safetensors"), "pt") as f:
+            names.update({n: f"blk.{i}.safetensors" for n in f.keys()})
+    (folder / HESSIANS_INDEX).write_text(json.dumps({"tokens": tokens, "layers": layers, "dtype": "float32",
+                                                     "tensors": names}, indent=1, sort_keys=True) + "\n")
+
+
+class Hessians:
+    """The imatrix stage's covariance folder, read one tensor at a time: `name in h`, `h[name]` (fp64) for a
+    shared GGUF name (shared_name), `h.tokens`."""
+
+    def __init__(self, folder: Path) -> None:
+        import json
+
+        index = Path(folder) / HESSIANS_INDEX
+        try:
+            doc = json.loads(index.read_text(encoding="utf-8"))
+            self.tokens, self.files = int(doc["tokens"]), dict(doc["tensors"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StageError(f"{index}: no input covariances ({exc}); rerun the imatrix stage with "
+                             "imatrix.covariance: true") from None
+        self.folder = Path(folder)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def __getitem__(self, name: str) -> Any:
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / self.files[name]), "pt") as f:
+            return f.get_tensor(name).to(torch.float64)
+
+
+def tensor_array(path: Path, name: str) -> np.ndarray:
+    """A GGUF tensor as fp32 (rows × cols), dequantized by gguf-py from its bytes (the header read by
+    gguf_files: gguf-py's reader parses the whole vocabulary first, seconds a file)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from alpaca_lora_cpu.gguf_files import check_gguf
+
+    t = next((t for t in check_gguf(path).tensors if t.name == name), None)
+    if t is None:
+        raise StageError(f"{path}: no tensor {name}")
+    rows = t.n_elements // t.shape[0]
+    data = np.fromfile(path, np.uint8, count=t.n_bytes, offset=t.data_offset).reshape(rows, -1)
+    return gguf_dequantize(data, GGMLQuantizationType[t.type]).reshape(rows, t.shape[0]).astype(np.float32)
+
+
+def write(level_file: Path, blocks: dict[str, bytes], out: Path) -> None:
+    """`level_file` copied to `out` with each named tensor's bytes replaced by `blocks[name]` (the same length);
+    `out` appears only whole (files.atomic_path)."""
+    from alpaca_lora_cpu.files import atomic_path
+    from alpaca_lora_cpu.gguf_files import check_gguf
+
+    infos = {t.name: t for t in check_gguf(level_file).tensors}
+    with atomic_path(out) as tmp:
+        shutil.copyfile(level_file, tmp)
+        with open(tmp, "r+b") as fh:
+            for name, data in blocks.items():
+                t = infos[name]
+                if len(data) != t.n_bytes:
+                    raise StageError(f"{name}: {len(data)} bytes of {t.type} blocks, llama.cpp's tensor has "
+                                     f"{t.n_bytes}")
+                fh.seek(t.data_offset)
+                fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def make(level_file: Path, reference: Path, hessians: dict[str, Any], fmt: BlockFormat, damp: float, out: Path,
+         compare: Path | None = None, progress: Callable[[str], None] | None = None, joint_refit: bool = False
+         ) -> dict:
+    """The GPTQ file at `out`: every tensor that llama.cpp's `level_file` stores in `fmt` and that has an input
+    covariance, rounded by GPTQ from the reference GGUF's weights; the rest kept. Details: per tensor, the proxy
+    error of GPTQ, of llama.cpp's rounding in `level_file`, and of `compare` (e.g. the imatrix file)."""
+    import torch
+
+    from alpaca_lora_cpu.gguf_files import check_gguf
+
+    blocks, per_tensor = {}, {}
+    for t in check_gguf(level_file).tensors:
+        if t.type != fmt.ggml_type or shared_name(t.name) not in hessians:
+            continue
+        w = torch.from_numpy(tensor_array(reference, t.name))
+        h = hessians[shared_name(t.name)]
+        scales, q = gptq(w, h, fmt, damp)
+        if joint_refit:
+            scales = refit(w, h, scales, q, fmt)
+        blocks[t.name] = pack(scales, q)
+        errs = {"gptq": float(proxy_error(w, dequantize(scales, q, fmt), h).sum()),
+                "llama_cpp": float(proxy_error(w, torch.from_numpy(tensor_array(level_file, t.name)), h).sum())}
+        if compare is not None:
+            errs["compare"] = float(proxy_error(w, torch.from_numpy(tensor_array(compare, t.name)), h).sum())
+        per_tensor[t.name] = errs
+        if progress:
+            progress(t.name)
+    if not blocks:
+        raise StageError(f"{level_file}: no {fmt.ggml_type} tensor with an input covariance to round")
+    write(level_file, blocks, out)
+    return {"tensors": len(blocks), "damp": damp, "joint_refit": joint_refit, "proxy_error": per_tensor}

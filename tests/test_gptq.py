@@ -1,0 +1,181 @@
+"""GPTQ into ggml blocks (src/alpaca_lora_cpu/gptq.py), checked against the formats' own definitions: llama.cpp's
+quantizer (its q4_0 bytes with H = I), gguf-py's dequantize (every written tensor), and llama.cpp's imatrix
+rounding (the proxy error GPTQ exists to lower)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alpaca_lora_cpu import gptq
+from alpaca_lora_cpu.gguf_files import check_gguf
+
+
+def raw(path, name):
+    t = next(t for t in check_gguf(path).tensors if t.name == name)
+    with open(path, "rb") as fh:
+        fh.seek(t.data_offset)
+        return fh.read(t.n_bytes)
+
+
+def gguf_decoded(data: bytes, ggml_type: str, rows: int) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return dequantize(np.frombuffer(data, np.uint8).reshape(rows, -1), GGMLQuantizationType[ggml_type])
+
+
+def covariance(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Σ x xᵀ of correlated activations with a few loud channels, as real decoder inputs have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g))
+    x[:, :3] *= 8.0
+    return (x.T @ x).double()
+
+
+@pytest.mark.slow
+def test_identity_h_without_damping_or_search_gives_llama_cpps_own_q4_0_bytes(tiny_gguf, tiny_gguf_quants):
+    q4 = tiny_gguf_quants["q4_0"]
+    names = [t.name for t in check_gguf(q4).tensors if t.type == "Q4_0" and t.name.startswith("blk.")]
+    assert len(names) >= 7 * 2, names
+    for name in names:
+        w = torch.from_numpy(gptq.tensor_array(tiny_gguf, name))
+        scales, q = gptq.gptq(w, torch.eye(w.shape[1], dtype=torch.float64), gptq.FORMATS["q4_0"], damp=0.0,
+                              search=False)
+        assert gptq.pack(scales, q) == raw(q4, name), name
+
+
+@pytest.mark.parametrize("level", ["q4_0", "iq4_nl"])
+def test_packed_blocks_decode_to_what_the_algorithm_intended_exactly(level):
+    fmt = gptq.FORMATS[level]
+    torch.manual_seed(1)
+    w = torch.randn(48, 128) * 0.05
+    h = covariance(512, 128, 2)
+    scales, q = gptq.gptq(w, h, fmt, damp=0.01)
+    scales = gptq.refit(w, h, scales, q, fmt, rows_at_once=7)  # several chunks, a ragged last one
+    data = gptq.pack(scales, q)
+    assert len(data) == 48 * 128 // gptq.BLOCK * 18
+    assert np.array_equal(gguf_decoded(data, fmt.ggml_type, 48), gptq.dequantize(scales, q, fmt).numpy())
+
+
+@pytest.mark.parametrize("level", ["q4_0", "iq4_nl"])
+def test_error_feedback_and_refit_lower_the_proxy_error_below_nearest_rounding(level):
+    fmt = gptq.FORMATS[level]
+    torch.manual_seed(3)
+    w = torch.randn(64, 256) * 0.02
+    h = covariance(1024, 256, 4)
+    rtn = gptq.gptq(w, torch.eye(256, dtype=torch.float64), fmt, damp=0.0, search=False)
+    ours = gptq.gptq(w, h, fmt, damp=0.01)
+    refit = gptq.refit(w, h, *ours, fmt)
+    err = {k: float(gptq.proxy_error(w, gptq.dequantize(*v, fmt), h).sum())
+           for k, v in {"rtn": rtn, "gptq": ours, "refit": (refit, ours[1])}.items()}
+    assert err["gptq"] < 0.7 * err["rtn"], err
+    assert err["refit"] <= err["gptq"], err
+
+
+@pytest.mark.slow
+def test_gptq_file_keeps_llama_cpps_layout_and_beats_its_imatrix_rounding_per_tensor(wide_model, tmp_path):
+    """The tensors GPTQ wrote decode (gguf-py) to its intended weights; every other byte is llama.cpp's; the
+    size is llama.cpp's; every rewritten tensor's proxy error is below llama.cpp's imatrix rounding's."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from alpaca_lora_cpu.quantizer import plan_for, quantize_file
+    from alpaca_lora_cpu.shards import Weights
+
+    hf, f16, imatrix = wide_model
+    tok = AutoTokenizer.from_pretrained(hf)
+    texts = ["Give three tips for staying healthy.", "Translate 'good morning' into French: Bonjour."] * 4
+    sums, tokens = gptq.covariances(AutoConfig.from_pretrained(hf), Weights(hf).get,
+                                    [tok(t)["input_ids"] for t in texts])
+    assert tokens > 0 and {n.split(".")[2] for n in sums} == {"attn_q", "attn_output", "ffn_gate", "ffn_down"}
+    for level in ("q4_0", "iq4_nl"):
+        plain, imat, out = (tmp_path / f"{level}.gguf", tmp_path / f"{level}-imat.gguf", tmp_path / f"{level}-g.gguf")
+        quantize_file(f16, plain, plan_for(level, {}))
+        quantize_file(f16, imat, plan_for(f"{level}-imat", {}), imatrix)
+        details = gptq.make(plain, f16, sums, gptq.FORMATS[level], 0.01, out, compare=imat)
+        assert out.stat().st_size == plain.stat().st_size
+        assert details["tensors"] == 7 * 2
+        for name, e in details["proxy_error"].items():
+            assert e["gptq"] < e["compare"] and e["gptq"] < e["llama_cpp"], (level, name, e)
+        for t in check_gguf(out).tensors:
+            if t.name in details["proxy_error"]:
+                w = torch.from_numpy(gptq.tensor_array(f16, t.name))
+                h = sums[gptq.shared_name(t.name)]
+                fmt = gptq.FORMATS[level]
+                s, q = gptq.gptq(w, h, fmt, 0.01)
+                assert np.array_equal(gptq.tensor_array(out, t.name), gptq.dequantize(s, q, fmt).numpy())
+            else:
+                assert raw(out, t.name) == raw(plain, t.name), t.name
+
+
+def test_the_imatrix_pass_writes_each_layers_covariance_once_and_the_imatrix_is_its_diagonal(tiny_random_llama,
+                                                                                              tmp_path):
+    from transformers import AutoConfig
+
+    from alpaca_lora_cpu.imatrix import collect
+    from alpaca_lora_cpu.shards import Weights
+
+    folder = tiny_random_llama[1]
+    config, get, seqs = AutoConfig.from_pretrained(folder), Weights(folder).get, [[1, 2, 3, 4, 5], [6, 7]]
+    plain, _ = collect(config, get, seqs, batch_tokens=8)
+    seen = []
+
+    def sink(layer, sums):
+        seen.append((layer, sorted(sums)))
+        gptq.write_layer_hessians(tmp_path, layer, sums)
+
+    with_h, counts = collect(config, get, seqs, batch_tokens=8, covariance=sink)
+    gptq.write_hessians_index(tmp_path, 7, 2)
+    # one call a layer, with that layer's four distinct inputs only: memory is one layer's H
+    assert seen == [(i, [f"blk.{i}.{n}.weight" for n in ("attn_output", "attn_q", "ffn_down", "ffn_gate")])
+                    for i in range(2)]
+    assert set(with_h) == set(plain) and set(counts.values()) == {7}
+    for name in plain:  # Σ x² is H's diagonal, for k, v and up through the input they share
+        np.testing.assert_allclose(with_h[name], plain[name], rtol=1e-5)
+    h = gptq.Hessians(tmp_path)
+    held, _ = gptq.covariances(config, get, seqs, batch_tokens=8)
+    assert h.tokens == 7 and set(h.files) == set(held)
+    for name, full in held.items():
+        assert h[name].dtype == torch.float64
+        torch.testing.assert_close(h[name], full.float().double())
+        np.testing.assert_allclose(np.diagonal(full.numpy()), plain[name], rtol=1e-5)
+
+
+def test_a_folder_without_covariances_is_refused_in_one_line(tmp_path):
+    from alpaca_lora_cpu.errors import StageError
+
+    with pytest.raises(StageError, match="no input covariances .* imatrix.covariance: true"):
+        gptq.Hessians(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["q4_0", "iq4_nl"])
+def test_a_gptq_level_through_the_quantize_stage(wide_model, tmp_path, level):
+    """quantize@<level>-gptq: llama.cpp's file of the level, its blocks rounded by GPTQ over the folder the
+    imatrix stage writes, the proxy errors against llama.cpp's plain and imatrix rounding in the details."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from alpaca_lora_cpu.config import PromptParams
+    from alpaca_lora_cpu.imatrix import collect
+    from alpaca_lora_cpu.quantizer import plan_for
+    from alpaca_lora_cpu.shards import Weights
+    from stages.quantize import run
+
+    hf, f16, imatrix = wide_model
+    tok = AutoTokenizer.from_pretrained(hf)
+    texts = ["Give three tips for staying healthy.", "Translate 'good morning' into French: Bonjour."] * 4
+    folder = tmp_path / "hessians"
+    folder.mkdir()
+    collect(AutoConfig.from_pretrained(hf), Weights(hf).get, [tok(t)["input_ids"] for t in texts],
+            covariance=lambda i, h: gptq.write_layer_hessians(folder, i, h))
+    gptq.write_hessians_index(folder, 99, 2)
+    alpaca = PromptParams("alpaca")
+    plain = run(plan_for(level, {}), alpaca, f16, tmp_path / "plain.gguf", tmp_path / "p.Modelfile")
+    m = run(plan_for(f"{level}-gptq", {}), alpaca, f16, tmp_path / "g.gguf", tmp_path / "g.Modelfile",
+            imatrix=imatrix, hessians=folder, damp=0.01)
+    d = m["gptq_details"]
+    assert m["gptq"] == 1 and m["file_bytes"] == plain["file_bytes"] and m["tensor_types"] == plain["tensor_types"]
+    assert d["tensors"] == 14 and d["below_imatrix"] == 14 and d["below_plain"] == 14 and d["covariance_tokens"] == 99
+    assert d["proxy_error_sum"]["gptq"] < d["proxy_error_sum"]["compare"] < d["proxy_error_sum"]["llama_cpp"]
+    assert (tmp_path / "g.gguf").read_bytes() != (tmp_path / "plain.gguf").read_bytes()
+    assert not list(tmp_path.glob("*.llama-cpp.gguf")) and not list(tmp_path.glob("*.imatrix.gguf"))
