@@ -136,8 +136,8 @@ bench-autoround: $(STAMP) ## AutoRound's KLD vs wall time per iters (AR_ITERS="0
 	python -m tools.bench_autoround --params params.yaml --level $(AR_LEVEL) --iters $(AR_ITERS) \
 		--src models/gguf/finetuned-reference.gguf --imatrix models/imatrix/imatrix.gguf --doc docs/benchmarks.md
 
-bench-gptq: $(STAMP) ## GPTQ in Q4_0 / IQ4_NL blocks (GPTQ_LEVELS="q4_0 iq4_nl", GPTQ_DAMP="0.003 0.01 0.03", GPTQ_REFIT=1: also the joint refit) vs llama.cpp's plain and imatrix rounding: KLD, PPL, proxy error, time, into docs/benchmarks.md (after make repro)
-	python -m tools.bench_gptq --params params.yaml --levels $(GPTQ_LEVELS) --damp $(GPTQ_DAMP) $(if $(GPTQ_REFIT),--joint-refit) \
+bench-gptq: $(STAMP) ## GPTQ in Q4_0 / Q5_0 / IQ4_NL blocks (GPTQ_LEVELS="q4_0 iq4_nl", also recipe names or searched, GPTQ_DAMP="0.003 0.01 0.03", GPTQ_REFIT=1: also the joint refit, GPTQ_ACT=1: also act-order) vs llama.cpp's plain and imatrix rounding: KLD, PPL, proxy error, time, into docs/benchmarks.md (after make repro)
+	python -m tools.bench_gptq --params params.yaml --levels $(GPTQ_LEVELS) --damp $(GPTQ_DAMP) $(if $(GPTQ_REFIT),--joint-refit) $(if $(GPTQ_ACT),--act-order) \
 		--src models/gguf/finetuned-reference.gguf --imatrix models/imatrix/imatrix.gguf \
 		--hessians models/imatrix/hessians --doc docs/benchmarks.md
 

@@ -10,9 +10,10 @@ Run (dvc.yaml runs one `quantize@<type>` per entry of `quantize.types`, each cac
 A `<level>-ar` entry (q4_0-ar) is the level's llama.cpp file with each tensor rounded by AutoRound instead
 (alpaca_lora_cpu/autoround.py: SignRound on models/merged over the imatrix's calibration text, `--merged`,
 `--data`, quantize.autoround), in the same types, so of the same size and metadata. A `<level>-gptq` entry
-(q4_0-gptq, iq4_nl-gptq) is the same with each Q4_0 / IQ4_NL tensor rounded by GPTQ over the imatrix stage's input
-covariances (`--hessians`, alpaca_lora_cpu/gptq.py, quantize.gptq); its details record each tensor's proxy error
-tr(ΔW H ΔWᵀ) beside llama.cpp's plain and imatrix rounding of the same level.
+(q4_0-gptq, q5_0-gptq, iq4_nl-gptq) is the same with each Q4_0 / Q5_0 / IQ4_NL tensor rounded by GPTQ over the
+imatrix stage's input covariances (`--hessians`, alpaca_lora_cpu/gptq.py, quantize.gptq); its details record each
+tensor's proxy error tr(ΔW H ΔWᵀ) beside llama.cpp's plain and imatrix rounding of the same level. A
+`<recipe>-gptq` entry (searched-gptq) does the same to the recipe's own file.
 
 Quantizes with llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`, default params, the ftype named by
 `--type`), then reads the result back with the `gguf` package: file size, bits per weight, seconds, the stored
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
-from alpaca_lora_cpu.config import AutoRoundParams, Params, PromptParams, as_dict, load_params
+from alpaca_lora_cpu.config import AutoRoundParams, GptqParams, Params, PromptParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import atomic_path, ensure_writable, write_text
 from alpaca_lora_cpu.prompts import render, stop_sequences
@@ -155,31 +156,36 @@ def quantize_autoround(src: Path, dst: Path, plan: Plan, job: AutoRoundJob) -> t
     return seconds + details["autoround_seconds"], lines, details
 
 
-def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessians: Path | None, damp: float
-                  ) -> tuple[float, list[str], dict]:
-    """llama.cpp's plain file of the plan's level (the layout), then GPTQ's rounding of each Q4_0 / IQ4_NL tensor
-    over the input covariances; llama.cpp's imatrix file of the level too, for the proxy errors it is compared
-    with. (seconds, llama.cpp's log lines, per-tensor proxy errors and how many fell below each rival.)"""
+def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessians: Path | None,
+                  options: GptqParams, joint_refit: bool = False) -> tuple[float, list[str], dict]:
+    """llama.cpp's file of the plan's level (plain) or recipe (as the recipe says) is the layout; GPTQ then rounds
+    each of its Q4_0 / Q5_0 / IQ4_NL tensors over the input covariances. The proxy errors are compared with the
+    layout's and with llama.cpp's imatrix rounding of the same types (for an imatrix recipe: the layout itself).
+    (seconds, llama.cpp's log lines, per-tensor proxy errors and how many fell below each rival.) `joint_refit`
+    (gptq.refit, off in the pipeline) is for make bench-gptq."""
+    import dataclasses
     import time
 
     from tqdm import tqdm
 
-    from alpaca_lora_cpu.gguf_files import check_gguf
-    from alpaca_lora_cpu.gptq import FORMATS, Hessians, make, shared_name
+    from alpaca_lora_cpu.gptq import Hessians, gptq_tensors, make
 
     if hessians is None or imatrix is None or not imatrix.is_file():
         raise StageError(f"{plan.name} needs the imatrix stage's --imatrix file and --hessians folder "
                          "(imatrix.covariance: true)")
     h = Hessians(hessians)
+    base = dataclasses.replace(plan, gptq=False)
     layout, rival = (dst.with_name(dst.name + suffix) for suffix in (".llama-cpp.gguf", ".imatrix.gguf"))
     try:
-        seconds, lines = quantize_file(src, layout, Plan(plan.name, plan.qtype, False))
-        quantize_file(src, rival, Plan(plan.name, plan.qtype, True), imatrix)
-        fmt = FORMATS[plan.qtype]
-        todo = sum(t.type == fmt.ggml_type and shared_name(t.name) in h for t in check_gguf(layout).tensors)
+        seconds, lines = quantize_file(src, layout, base, imatrix if base.imatrix else None)
+        if base.imatrix:
+            rival = layout
+        else:
+            quantize_file(src, rival, dataclasses.replace(base, imatrix=True), imatrix)
         t0 = time.perf_counter()
-        with tqdm(total=todo, unit="tensor", desc=f"GPTQ {plan.qtype}") as bar:
-            details = make(layout, src, h, fmt, damp, dst, compare=rival, progress=lambda _: bar.update())
+        with tqdm(total=len(gptq_tensors(layout, h)), unit="tensor", desc=f"GPTQ {plan.name}") as bar:
+            details = make(layout, src, h, options.damp, dst, compare=rival, progress=lambda _: bar.update(),
+                           act_order=options.act_order, joint_refit=joint_refit)
         gptq_seconds = time.perf_counter() - t0
     finally:
         layout.unlink(missing_ok=True)
@@ -194,7 +200,7 @@ def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessia
 
 def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: Path,
         extra_stops: tuple[str, ...] = (), imatrix: Path | None = None, job: AutoRoundJob | None = None,
-        hessians: Path | None = None, damp: float = 0.01) -> dict:
+        hessians: Path | None = None, gptq_options: GptqParams | None = None) -> dict:
     from alpaca_lora_cpu.gguf_files import (
         bits_per_weight,
         chat_template,
@@ -213,7 +219,9 @@ def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
     with atomic_path(out) as tmp:
         autoround = gptq = None
         if plan.gptq:
-            seconds, lines, gptq = quantize_gptq(src, tmp, plan, imatrix, hessians, damp)
+            if gptq_options is None:
+                raise StageError(f"{plan.name}: a -gptq level needs quantize.gptq")
+            seconds, lines, gptq = quantize_gptq(src, tmp, plan, imatrix, hessians, gptq_options)
         elif plan.autoround:
             if job is None:
                 raise StageError(f"{plan.name}: an -ar level needs the merged model and calibration rows")
@@ -273,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                                 "prompt": as_dict(prompt), "generate": {"stop": list(params.generate.stop)}},
                    run_name=f"quantize@{args.type}") as mlflow:
         metrics = run(plan, prompt, args.src, args.out, args.modelfile, params.generate.stop, args.imatrix, job,
-                      args.hessians, params.quantize.gptq.damp)
+                      args.hessians, params.quantize.gptq)
         write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
     log.info("%s: %.1f MiB, %.2f bits/weight, %.1f s → %s", args.type, metrics["file_mib"],
              metrics["bits_per_weight"], metrics["quantize_seconds"], args.out)

@@ -132,7 +132,8 @@ def test_missing_section_stops_prepare_before_any_work(tmp_path):
     (["q4_0", "q4_0"], "quantize.types lists 'q4_0' more than once"),
     ([], "quantize.types must list at least one"),
     (["q4_0", "base"], "quantize.types: 'base' is an unquantized variant"),
-    (["q4_k_m-gptq"], "quantize.types: GPTQ rounding is written for q4_0, iq4_nl blocks, not 'q4_k_m'"),
+    (["q4_k_m-gptq"], "quantize.types: GPTQ rounding is written for q4_0, q5_0, iq4_nl blocks, not 'q4_k_m'"),
+    (["nosuch-gptq"], "-gptq entries: q4_0-gptq, q5_0-gptq, iq4_nl-gptq, searched-gptq or <recipe>-gptq"),
 ])
 def test_quantize_types_are_checked(tmp_path, types, needle):
     assert needle in one_line_error(write_params(tmp_path, lambda d: d["quantize"].update(types=types)))
@@ -160,6 +161,25 @@ def test_gptq_levels_need_the_covariances_and_a_damping_in_range(tmp_path):
     for damp in (0, -0.1, 1.5):
         path = write_params(tmp_path, lambda d, v=damp: d["quantize"]["gptq"].update(damp=v))
         assert "quantize.gptq.damp must be in (0, 1]" in one_line_error(path)
+    path = write_params(tmp_path, lambda d: d["quantize"]["gptq"].update(act_order="yes"))
+    assert "'quantize.gptq.act_order' must be bool, got 'yes'" in one_line_error(path)
+
+
+def test_gptq_names_a_level_a_recipe_or_searched():
+    from alpaca_lora_cpu.config import RecipeParams
+    from alpaca_lora_cpu.quantizer import plan_for
+    from alpaca_lora_cpu.variants import check_names, parse, twin
+
+    mix = RecipeParams(type="iq4_nl", imatrix=True, token_embedding=None, output=None, overrides={"ffn_down": "q5_0"})
+    check_names(["q5_0-gptq", "mix-gptq", "searched-gptq"], {"mix": mix})
+    assert (parse("q5_0-gptq", {}).kind, parse("q5_0-gptq", {}).level) == ("gptq", "q5_0")
+    v = parse("mix-gptq", {"mix": mix})
+    assert (v.kind, v.level, v.imatrix, v.recipe) == ("gptq", "iq4_nl", True, "mix")
+    assert parse("searched-gptq", {}).recipe == "searched"
+    plan = plan_for("mix-gptq", {"mix": mix})
+    assert plan.gptq and plan.recipe and plan.imatrix and plan.name == "mix-gptq" and plan.overrides
+    assert [twin(n) for n in ("q4_0-imat", "q4_0-ar", "mix-gptq", "q4_0", "searched")] == [
+        "q4_0", "q4_0", "mix", None, None]
 
 
 def test_the_gptq_levels_are_the_formats_gptq_writes():

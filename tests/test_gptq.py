@@ -34,27 +34,34 @@ def covariance(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_identity_h_without_damping_or_search_gives_llama_cpps_own_q4_0_bytes(tiny_gguf, tiny_gguf_quants):
-    q4 = tiny_gguf_quants["q4_0"]
-    names = [t.name for t in check_gguf(q4).tensors if t.type == "Q4_0" and t.name.startswith("blk.")]
+@pytest.mark.parametrize("level", ["q4_0", "q5_0"])
+def test_identity_h_without_damping_or_search_gives_llama_cpps_own_bytes(tiny_gguf, tmp_path, level):
+    from helpers import quantize_gguf
+
+    fmt = gptq.FORMATS[level]
+    plain = quantize_gguf(tiny_gguf, tmp_path / f"{level}.gguf", level)
+    names = [t.name for t in check_gguf(plain).tensors if t.type == fmt.ggml_type and t.name.startswith("blk.")]
     assert len(names) >= 7 * 2, names
     for name in names:
         w = torch.from_numpy(gptq.tensor_array(tiny_gguf, name))
-        scales, q = gptq.gptq(w, torch.eye(w.shape[1], dtype=torch.float64), gptq.FORMATS["q4_0"], damp=0.0,
-                              search=False)
-        assert gptq.pack(scales, q) == raw(q4, name), name
+        for act_order in (False, True):  # H = I: every diagonal equal, so act-order keeps the columns' order
+            scales, q = gptq.gptq(w, torch.eye(w.shape[1], dtype=torch.float64), fmt, damp=0.0, search=False,
+                                  act_order=act_order)
+            assert gptq.pack(scales, q, fmt) == raw(plain, name), (name, act_order)
 
 
-@pytest.mark.parametrize("level", ["q4_0", "iq4_nl"])
-def test_packed_blocks_decode_to_what_the_algorithm_intended_exactly(level):
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("level", list(gptq.FORMATS))
+def test_packed_blocks_decode_to_what_the_algorithm_intended_exactly(level, act_order):
     fmt = gptq.FORMATS[level]
     torch.manual_seed(1)
     w = torch.randn(48, 128) * 0.05
     h = covariance(512, 128, 2)
-    scales, q = gptq.gptq(w, h, fmt, damp=0.01)
+    scales, q = gptq.gptq(w, h, fmt, damp=0.01, act_order=act_order)
     scales = gptq.refit(w, h, scales, q, fmt, rows_at_once=7)  # several chunks, a ragged last one
-    data = gptq.pack(scales, q)
-    assert len(data) == 48 * 128 // gptq.BLOCK * 18
+    data = gptq.pack(scales, q, fmt)
+    assert len(data) == 48 * 128 // gptq.BLOCK * (18 if len(fmt.values) == 16 else 22)
+    assert int(q.max()) == len(fmt.values) - 1 and int(q.min()) == 0  # every bit of the codes is exercised
     assert np.array_equal(gguf_decoded(data, fmt.ggml_type, 48), gptq.dequantize(scales, q, fmt).numpy())
 
 
@@ -71,6 +78,23 @@ def test_error_feedback_and_refit_lower_the_proxy_error_below_nearest_rounding(l
            for k, v in {"rtn": rtn, "gptq": ours, "refit": (refit, ours[1])}.items()}
     assert err["gptq"] < 0.7 * err["rtn"], err
     assert err["refit"] <= err["gptq"], err
+
+
+@pytest.mark.parametrize("level", ["q4_0", "iq4_nl"])
+def test_act_order_rounds_the_loud_columns_first_and_still_beats_nearest_rounding(level):
+    """The loudest input channels sit in the last block: act-order rounds them first (a different result from
+    the in-order pass), with the error fed to quieter columns, and stays far below nearest rounding."""
+    fmt = gptq.FORMATS[level]
+    torch.manual_seed(5)
+    w = torch.randn(64, 256) * 0.02
+    h = covariance(1024, 256, 6).flip(0, 1)  # the loud channels 0-2 become 253-255
+    rtn = gptq.gptq(w, torch.eye(256, dtype=torch.float64), fmt, damp=0.0, search=False)
+    plain = gptq.gptq(w, h, fmt, damp=0.01)
+    act = gptq.gptq(w, h, fmt, damp=0.01, act_order=True)
+    err = {k: float(gptq.proxy_error(w, gptq.dequantize(*v, fmt), h).sum())
+           for k, v in {"rtn": rtn, "in order": plain, "act order": act}.items()}
+    assert not torch.equal(act[1], plain[1])
+    assert err["act order"] < 0.7 * err["rtn"], err
 
 
 @pytest.mark.slow
@@ -92,7 +116,7 @@ def test_gptq_file_keeps_llama_cpps_layout_and_beats_its_imatrix_rounding_per_te
         plain, imat, out = (tmp_path / f"{level}.gguf", tmp_path / f"{level}-imat.gguf", tmp_path / f"{level}-g.gguf")
         quantize_file(f16, plain, plan_for(level, {}))
         quantize_file(f16, imat, plan_for(f"{level}-imat", {}), imatrix)
-        details = gptq.make(plain, f16, sums, gptq.FORMATS[level], 0.01, out, compare=imat)
+        details = gptq.make(plain, f16, sums, 0.01, out, compare=imat)
         assert out.stat().st_size == plain.stat().st_size
         assert details["tensors"] == 7 * 2
         for name, e in details["proxy_error"].items():
@@ -148,34 +172,70 @@ def test_a_folder_without_covariances_is_refused_in_one_line(tmp_path):
         gptq.Hessians(tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("level", ["q4_0", "iq4_nl"])
-def test_a_gptq_level_through_the_quantize_stage(wide_model, tmp_path, level):
-    """quantize@<level>-gptq: llama.cpp's file of the level, its blocks rounded by GPTQ over the folder the
-    imatrix stage writes, the proxy errors against llama.cpp's plain and imatrix rounding in the details."""
+@pytest.fixture(scope="module")
+def wide_hessians(wide_model, tmp_path_factory):
+    """The covariance folder the imatrix stage would write for `wide_model` (its index says 99 tokens)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from alpaca_lora_cpu.config import PromptParams
     from alpaca_lora_cpu.imatrix import collect
-    from alpaca_lora_cpu.quantizer import plan_for
     from alpaca_lora_cpu.shards import Weights
-    from stages.quantize import run
 
-    hf, f16, imatrix = wide_model
+    hf = wide_model[0]
     tok = AutoTokenizer.from_pretrained(hf)
     texts = ["Give three tips for staying healthy.", "Translate 'good morning' into French: Bonjour."] * 4
-    folder = tmp_path / "hessians"
-    folder.mkdir()
+    folder = tmp_path_factory.mktemp("hessians")
     collect(AutoConfig.from_pretrained(hf), Weights(hf).get, [tok(t)["input_ids"] for t in texts],
             covariance=lambda i, h: gptq.write_layer_hessians(folder, i, h))
     gptq.write_hessians_index(folder, 99, 2)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("level", "act_order"), [("q4_0", False), ("iq4_nl", True)])
+def test_a_gptq_level_through_the_quantize_stage(wide_model, wide_hessians, tmp_path, level, act_order):
+    """quantize@<level>-gptq: llama.cpp's file of the level, its blocks rounded by GPTQ over the folder the
+    imatrix stage writes, the proxy errors against llama.cpp's plain and imatrix rounding in the details."""
+    from alpaca_lora_cpu.config import GptqParams, PromptParams
+    from alpaca_lora_cpu.quantizer import plan_for
+    from stages.quantize import run
+
+    hf, f16, imatrix = wide_model
+    folder = wide_hessians
     alpaca = PromptParams("alpaca")
     plain = run(plan_for(level, {}), alpaca, f16, tmp_path / "plain.gguf", tmp_path / "p.Modelfile")
     m = run(plan_for(f"{level}-gptq", {}), alpaca, f16, tmp_path / "g.gguf", tmp_path / "g.Modelfile",
-            imatrix=imatrix, hessians=folder, damp=0.01)
+            imatrix=imatrix, hessians=folder, gptq_options=GptqParams(damp=0.01, act_order=act_order))
     d = m["gptq_details"]
     assert m["gptq"] == 1 and m["file_bytes"] == plain["file_bytes"] and m["tensor_types"] == plain["tensor_types"]
+    assert d["act_order"] is act_order
     assert d["tensors"] == 14 and d["below_imatrix"] == 14 and d["below_plain"] == 14 and d["covariance_tokens"] == 99
     assert d["proxy_error_sum"]["gptq"] < d["proxy_error_sum"]["compare"] < d["proxy_error_sum"]["llama_cpp"]
     assert (tmp_path / "g.gguf").read_bytes() != (tmp_path / "plain.gguf").read_bytes()
     assert not list(tmp_path.glob("*.llama-cpp.gguf")) and not list(tmp_path.glob("*.imatrix.gguf"))
+
+
+@pytest.mark.slow
+def test_a_recipe_rounded_by_gptq_rewrites_its_gptq_formats_and_keeps_the_rest(wide_model, wide_hessians, tmp_path):
+    """quantize@<recipe>-gptq: the recipe's own llama.cpp file (imatrix rounding), then GPTQ on each of its
+    Q5_0 and IQ4_NL tensors in its own format; the Q8_0 tensors keep llama.cpp's bytes; same size and types."""
+    from alpaca_lora_cpu.config import GptqParams, PromptParams, RecipeParams
+    from alpaca_lora_cpu.quantizer import plan_for
+    from stages.quantize import run
+
+    hf, f16, imatrix = wide_model
+    recipes = {"mix": RecipeParams(type="q8_0", imatrix=True, token_embedding=None, output=None,
+                                   overrides={r"ffn_down": "q5_0", r"attn_.*": "iq4_nl"})}
+    alpaca = PromptParams("alpaca")
+    own = run(plan_for("mix", recipes), alpaca, f16, tmp_path / "mix.gguf", tmp_path / "m.Modelfile",
+              imatrix=imatrix)
+    m = run(plan_for("mix-gptq", recipes), alpaca, f16, tmp_path / "g.gguf", tmp_path / "g.Modelfile",
+            imatrix=imatrix, hessians=wide_hessians, gptq_options=GptqParams(damp=0.01, act_order=False))
+    d = m["gptq_details"]
+    assert m["gptq"] == 1 and m["recipe"] == 1 and m["imatrix"] == 1
+    assert m["file_bytes"] == own["file_bytes"] and m["tensor_types"] == own["tensor_types"]
+    assert d["types"] == {"IQ4_NL": 4 * 2, "Q5_0": 2}, d["types"]
+    assert d["below_imatrix"] == d["tensors"] == 10  # the recipe's own file is its imatrix rounding
+    rewritten = set(d["proxy_error"])
+    for t in check_gguf(tmp_path / "g.gguf").tensors:
+        same = raw(tmp_path / "g.gguf", t.name) == raw(tmp_path / "mix.gguf", t.name)
+        assert same != (t.name in rewritten), (t.name, t.type)

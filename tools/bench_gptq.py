@@ -3,7 +3,7 @@ plain and imatrix rounding of the same levels, at the same size; KLD, top-1 and 
 reference, with the summed proxy error tr(ΔW H ΔWᵀ) of each file and the time GPTQ took.
 
 Run (make bench-gptq GPTQ_LEVELS="q4_0 iq4_nl" GPTQ_DAMP="0.01", after make repro):
-    python -m tools.bench_gptq --params params.yaml --levels q4_0 iq4_nl --damp 0.01 --joint-refit \
+    python -m tools.bench_gptq --params params.yaml --levels q4_0 iq4_nl --damp 0.01 --joint-refit --act-order \
         --src models/gguf/finetuned-reference.gguf --imatrix models/imatrix/imatrix.gguf \
         --hessians models/imatrix/hessians --reference models/reference --doc docs/benchmarks.md
 
@@ -13,7 +13,6 @@ evaluate stage's (stages/evaluate.py). Time it alone on the machine.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
@@ -24,29 +23,35 @@ from tools.quant_scores import score_row
 
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "src", "imatrix")
-    ap.add_argument("--levels", nargs="+", default=["q4_0", "iq4_nl"], help="Q4_0 / IQ4_NL levels (gptq.FORMATS)")
+    ap.add_argument("--levels", nargs="+", default=["q4_0", "iq4_nl"],
+                    help="levels GPTQ writes (gptq.FORMATS), recipe names or `searched`: each rounded as <entry>-gptq")
     ap.add_argument("--damp", type=float, nargs="+", default=[0.01], help="GPTQ damping, one file per value")
     ap.add_argument("--joint-refit", action="store_true", help="also a file per damp with gptq.refit (opt-in)")
+    ap.add_argument("--act-order", action="store_true", help="also a file per damp with act-order (static scales)")
     ap.add_argument("--hessians", type=Path, default=Path("models/imatrix/hessians"))
+    ap.add_argument("--searched", type=Path, default=Path("models/search/recipe.json"))
     ap.add_argument("--reference", type=Path, default=Path("models/reference"))
     ap.add_argument("--work", type=Path, default=Path("models/bench-gptq"))
     ap.add_argument("--doc", type=Path, help="also write the table as a stamped section of this Markdown file")
     args = parse_args(ap, argv)
-    from tqdm import tqdm
-
     from alpaca_lora_cpu import gptq
+    from alpaca_lora_cpu.config import GptqParams
     from alpaca_lora_cpu.quantizer import plan_for, quantize_file
+    from alpaca_lora_cpu.variants import GPTQ, GPTQ_LEVELS, IMAT
     from stages.evaluate import load_reference
+    from stages.quantize import quantize_gptq
 
     params = load_params(args.params)
+    recipes = params.quantize.recipes
     ref = load_reference(args.reference)
     args.work.mkdir(parents=True, exist_ok=True)
     hessians = gptq.Hessians(args.hessians)
     lines = [f"H = Σ x xᵀ of every decoder linear's input over the imatrix's {hessians.tokens} calibration tokens "
              f"(the imatrix stage's {args.hessians}); scored on the {len(ref.arrays['n_prompt'])} records of "
              "models/reference against the fine-tuned reference (95% bootstrap intervals over records). Proxy "
-             "error: Σ over the rewritten tensors of tr(ΔW H ΔWᵀ). Seconds: llama.cpp's quantizer, or GPTQ's "
-             "pass (the covariances not included).", "",
+             "error: Σ over the rewritten tensors of tr(ΔW H ΔWᵀ). Seconds: llama.cpp's quantizer, or the "
+             "quantize stage's whole -gptq work (llama.cpp's file of the entry, then GPTQ; the covariances not "
+             "included). A recipe's GPTQ rewrites its Q4_0 / Q5_0 / IQ4_NL tensors.", "",
              "| variant | size MB | seconds | proxy error | mean KLD | top-1 | PPL |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
@@ -54,34 +59,33 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(score_row(name, path, ref, params, f"{seconds:.0f}", f"{proxy:.4g}"))
         print(lines[-1], flush=True)
 
-    for level in args.levels:
-        fmt = gptq.FORMATS[level]
-        files = {}
-        for name in (level, f"{level}-imat"):
-            files[name] = args.work / f"{name}.gguf"
-            files[name + "-s"], _ = quantize_file(args.src, files[name], plan_for(name, {}),
-                                                  args.imatrix if "imat" in name else None)
+    options = [(joint, act) for joint in (False, True)[:1 + args.joint_refit]
+               for act in (False, True)[:1 + args.act_order]]
+    for entry in args.levels:
+        # llama.cpp's own files of the entry: the level plain and with the imatrix, or the recipe as it says
+        rivals = [entry, entry + IMAT] if entry in GPTQ_LEVELS else [entry]
+        files = {name: args.work / f"{name}.gguf" for name in rivals}
+        took = {name: quantize_file(args.src, files[name], plan_for(name, recipes, args.searched),
+                                    args.imatrix if plan_for(name, recipes, args.searched).imatrix else None)[0]
+                for name in rivals}
         runs = []
         for damp in args.damp:
-            for joint in (False, True) if args.joint_refit else (False,):
-                tag = f"damp {damp:g}" + (", joint refit" if joint else "")
-                out = args.work / f"{level}-gptq-{damp:g}{'-refit' if joint else ''}.gguf"
-                t0 = time.perf_counter()
-                with tqdm(unit="tensor", desc=f"GPTQ {level} {tag}") as bar:
-                    details = gptq.make(files[level], args.src, hessians, fmt, damp, out,
-                                        compare=files[f"{level}-imat"], progress=lambda _: bar.update(),
-                                        joint_refit=joint)
-                runs.append((tag, out, time.perf_counter() - t0, details["proxy_error"]))
+            for joint, act in options:
+                tag = f"damp {damp:g}" + (", joint refit" if joint else "") + (", act order" if act else "")
+                out = args.work / f"{entry}-gptq-{damp:g}{'-refit' if joint else ''}{'-act' if act else ''}.gguf"
+                seconds, _, details = quantize_gptq(args.src, out, plan_for(entry + GPTQ, recipes, args.searched),
+                                                    args.imatrix, args.hessians, GptqParams(damp, act), joint)
+                runs.append((tag, out, seconds, details["proxy_error"]))
         errors = runs[0][3]
         below = sum(e["gptq"] < e["compare"] for e in errors.values())
-        print(f"{level}: GPTQ's proxy error below the imatrix rounding's in {below} of {len(errors)} tensors",
+        print(f"{entry}: GPTQ's proxy error below the imatrix rounding's in {below} of {len(errors)} tensors",
               flush=True)
-        scored(f"{level} (llama.cpp)", files[level + "-s"], sum(e["llama_cpp"] for e in errors.values()), files[level])
-        scored(f"{level}-imat (llama.cpp)", files[f"{level}-imat-s"], sum(e["compare"] for e in errors.values()),
-               files[f"{level}-imat"])
+        for name in rivals:  # the layout's rounding (plain, or the recipe's own), then the imatrix's
+            key = "compare" if name.endswith(IMAT) or len(rivals) == 1 else "llama_cpp"
+            scored(f"{name} (llama.cpp)", took[name], sum(e[key] for e in errors.values()), files[name])
         for tag, out, seconds, errs in runs:
             worse = sum(e["gptq"] >= e["compare"] for e in errs.values())
-            scored(f"{level}-gptq, {tag} ({worse} tensors not below -imat)", seconds,
+            scored(f"{entry}-gptq, {tag} ({worse} tensors not below -imat)", seconds,
                    sum(e["gptq"] for e in errs.values()), out)
     if args.doc:
         replace_section(args.doc, "bench-gptq", f"## bench-gptq: {machine_stamp(args.doc)}\n\n" + "\n".join(lines),

@@ -249,6 +249,7 @@ class AutoRoundParams:
 @dataclass(frozen=True)
 class GptqParams:
     damp: float       # added to H's diagonal as damp · mean(diag H) before its Cholesky (GPTQ's percdamp)
+    act_order: bool   # columns in order of falling diag(H), block scales fixed first (GPTQ's desc_act, static groups)
 
     def __post_init__(self) -> None:
         if not 0 < self.damp <= 1:

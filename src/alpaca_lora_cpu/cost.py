@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.variants import AR, GPTQ, IMAT
+from alpaca_lora_cpu.variants import AR, GPTQ, twin
 
 GB = 1e9
 OVERHEAD = 0.8e9      # a stage with python, torch, transformers and mlflow imported: 0.35-0.6 GB measured, once 0.75
@@ -45,10 +45,10 @@ AR_RTN = 7.5e-7       # seconds a parameter of its iters-0 pass (load, optimised
 AR_TUNING = 1.25      # SignRound's steps against the fp32 matmul rate: iters 25 took 468 s, 361 s more than 0
                       # (auto-round autocasts to bf16 where it can; on a CPU with slow bf16 this is a guess)
 AR_ACTIVATIONS = 16   # bytes a calibration token × hidden: each block's cached fp32 inputs and outputs
-# GPTQ (quantize@<level>-gptq), fitted on the 2-core Intel Xeon (fp32 357 GFLOP/s): q4_0 of the 135M model took
-# 113 s and iq4_nl 125 s for 106 M decoder weights, nearly all of it the per-column steps and each block's scale
-# search (elementwise work on every weight), not the rows × cols² error-update matmuls (1.3 s at that rate).
-GPTQ_PER_WEIGHT = 1.1e-6  # seconds a decoder weight
+# GPTQ (quantize@<level>-gptq): in make repro the GPTQ pass over the 135M model's 106 M decoder weights took 56 s
+# (q4_0) and 65 s (iq4_nl) on a 2-core AMD EPYC (AVX-512), nearly all of it the per-column steps and each block's
+# scale search (elementwise work on every weight), not the rows × cols² error-update matmuls (about 1 s).
+GPTQ_PER_WEIGHT = 0.6e-6  # seconds a decoder weight
 QUANT_BUFFERS = 0.55  # bytes per parameter llama.cpp's quantizer holds (0.78 / 1.84 / 4.0 GB at 1B / 3B / 7B)
 # llama.cpp repacks q4_0/iq4_nl/q8_0 weights for its AVX kernels into memory of its own: a copy of the file
 REPACKED = ("q4_0", "q4_k_m", "iq4_nl", "q8_0", "q4_k")
@@ -212,7 +212,7 @@ def _quantize_seconds(s: Shape, kind: str, r: dict) -> float:
 
 def _level(t: str) -> str:
     """The llama.cpp level a quantize.types entry is sized as (recipes and `searched`: about q4_0)."""
-    level = t.removesuffix(IMAT).removesuffix(AR).removesuffix(GPTQ)
+    level = twin(t) or t
     return level if level in BPW else "q4_0"
 
 

@@ -1,4 +1,4 @@
-"""GPTQ rounding (Frantar et al., 2022) written into ggml's own 32-weight blocks: Q4_0 and IQ4_NL.
+"""GPTQ rounding (Frantar et al., 2022) written into ggml's own 32-weight blocks: Q4_0, Q5_0 and IQ4_NL.
 
 llama.cpp rounds each block to its nearest grid points, weighted by the imatrix: the diagonal of each layer's
 input covariance H = Σ x xᵀ. GPTQ uses all of H: it rounds a weight column at a time and pushes each column's
@@ -38,7 +38,7 @@ IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69
 
 @dataclass(frozen=True)
 class BlockFormat:
-    """A ggml format of 32 codes of 4 bits and one fp16 scale a block: weight = d · values[code]."""
+    """A ggml format of 32 codes (4 or 5 bits) and one fp16 scale a block: weight = d · values[code]."""
     ggml_type: str               # the GGUF type name
     values: tuple[int, ...]      # code → level, ascending
     anchors: tuple[float, ...]   # the scale search's d = m · s / anchor (m: the block's largest-magnitude weight)
@@ -49,13 +49,15 @@ class BlockFormat:
 
 
 FORMATS = {"q4_0": BlockFormat("Q4_0", tuple(range(-8, 8)), (-8.0, 7.0)),
+           "q5_0": BlockFormat("Q5_0", tuple(range(-16, 16)), (-16.0, 15.0)),
            "iq4_nl": BlockFormat("IQ4_NL", IQ4_NL_VALUES, (-127.0, 113.0))}
 SEARCH = (0.70, 1.10, 21)  # multipliers s of each anchor's scale tried: linspace(start, stop, count)
 
 
 def codes(x: Any, fmt: BlockFormat) -> Any:
-    """The nearest code of each x = w / d. Q4_0 is llama.cpp's own arithmetic (quantize_row_q4_0_ref):
-    min(15, (int)(x + 8.5)) in fp32, so ties round up; IQ4_NL: the nearest level, ties to the upper one."""
+    """The nearest code of each x = w / d. Q4_0 / Q5_0 are llama.cpp's own arithmetic (quantize_row_q4_0_ref,
+    _q5_0_ref): min(15, (int)(x + 8.5)) / min(31, (int)(x + 16.5)) in fp32, so ties round up; IQ4_NL: the
+    nearest level, ties to the upper one."""
     import torch
 
     if fmt.uniform:
@@ -88,9 +90,37 @@ def block_scales(w: Any, h: Any, fmt: BlockFormat, search: bool) -> Any:
     return d.gather(1, err.argmin(1, keepdim=True))[:, 0]
 
 
-def gptq(weight: Any, hessian: Any, fmt: BlockFormat, damp: float, search: bool = True) -> tuple[Any, Any]:
+def _round_columns(w1: Any, u1: Any, d16: Any, inv: Any, fmt: BlockFormat, values: Any) -> tuple[Any, Any]:
+    """GPTQ's inner loop over a run of columns `w1` (rows × n, updated in place), `u1` its n × n block of the
+    upper inverse-Cholesky factor, `d16` / `inv` each column's fp16 scale and fp32 inverse (rows × n):
+    (each column's scaled error, for the update of the later columns, and the codes)."""
+    import torch
+
+    rows, n = w1.shape
+    err, q = torch.empty(rows, n), torch.empty(rows, n, dtype=torch.long)
+    for j in range(n):
+        c = codes(w1[:, j] * inv[:, j], fmt)
+        e = (w1[:, j] - d16[:, j] * values[c]) / u1[j, j]
+        w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
+        err[:, j], q[:, j] = e, c
+    return err, q
+
+
+def _inverse_cholesky(h: Any) -> Any:
+    """The upper Cholesky factor of H⁻¹ (fp32), which GPTQ's error updates use."""
+    import torch
+
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+
+
+def gptq(weight: Any, hessian: Any, fmt: BlockFormat, damp: float, search: bool = True, act_order: bool = False
+         ) -> tuple[Any, Any]:
     """GPTQ of `weight` (rows × cols, fp32) over `hessian` (cols × cols, Σ x xᵀ): (fp32 scales rows × blocks,
-    codes rows × cols). `damp` adds damp · mean(diag H) to H's diagonal (GPTQ's percdamp)."""
+    codes rows × cols). `damp` adds damp · mean(diag H) to H's diagonal (GPTQ's percdamp).
+
+    `act_order` rounds the columns in order of falling diag(H) (GPTQ's desc_act), so the columns that matter most
+    are rounded first and the error goes to those that matter less. ggml's blocks are fixed runs of 32 columns, so
+    the scales are then fixed before the pass (GPTQ's static groups), searched on the weights as they come."""
     import torch
 
     w = weight.detach().to(torch.float32).clone()
@@ -103,25 +133,42 @@ def gptq(weight: Any, hessian: Any, fmt: BlockFormat, damp: float, search: bool 
     w[:, dead] = 0.0
     diag = torch.diagonal(h).clone()
     h += damp * diag.mean() * torch.eye(cols, dtype=torch.float64)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
     diag = diag.to(torch.float32)
     values = torch.tensor(fmt.values, dtype=torch.float32)
+    if act_order:
+        return _gptq_act_order(w, h, diag, fmt, search, values)
+    u = _inverse_cholesky(h)
     scales = torch.empty(rows, cols // BLOCK)
     q = torch.empty(rows, cols, dtype=torch.long)
     for b in range(cols // BLOCK):
         i1, i2 = b * BLOCK, (b + 1) * BLOCK
-        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
-        d = block_scales(w1, diag[i1:i2], fmt, search)
-        d16, inv = d.half().float(), _inverse(d)
-        err = torch.empty(rows, BLOCK)
-        for j in range(BLOCK):
-            c = codes(w1[:, j] * inv, fmt)
-            e = (w1[:, j] - d16 * values[c]) / u1[j, j]
-            w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
-            err[:, j], q[:, i1 + j] = e, c
+        d = block_scales(w[:, i1:i2], diag[i1:i2], fmt, search)
+        d16, inv = (x[:, None].expand(rows, BLOCK) for x in (d.half().float(), _inverse(d)))
+        err, q[:, i1:i2] = _round_columns(w[:, i1:i2], u[i1:i2, i1:i2], d16, inv, fmt, values)
         if i2 < cols:
             w[:, i2:] -= err @ u[i1:i2, i2:]
         scales[:, b] = d
+    return scales, q
+
+
+def _gptq_act_order(w: Any, h: Any, diag: Any, fmt: BlockFormat, search: bool, values: Any) -> tuple[Any, Any]:
+    """gptq's pass in order of falling diag(H), each block's scale fixed first (see gptq)."""
+    import torch
+
+    rows, cols = w.shape
+    scales = torch.stack([block_scales(w[:, i:i + BLOCK], diag[i:i + BLOCK], fmt, search)
+                          for i in range(0, cols, BLOCK)], 1)
+    perm = torch.argsort(diag, descending=True, stable=True)  # equal diagonals keep their order
+    u = _inverse_cholesky(h[perm][:, perm])
+    wp = w[:, perm].contiguous()
+    d16, inv = scales.half().float()[:, perm // BLOCK], _inverse(scales)[:, perm // BLOCK]
+    q = torch.empty(rows, cols, dtype=torch.long)
+    for i1 in range(0, cols, BLOCK):
+        i2 = i1 + BLOCK
+        err, q[:, perm[i1:i2]] = _round_columns(wp[:, i1:i2], u[i1:i2, i1:i2], d16[:, i1:i2], inv[:, i1:i2], fmt,
+                                                values)
+        if i2 < cols:
+            wp[:, i2:] -= err @ u[i1:i2, i2:]
     return scales, q
 
 
@@ -168,14 +215,18 @@ def refit(weight: Any, hessian: Any, scales: Any, q: Any, fmt: BlockFormat, rows
     return out
 
 
-def pack(scales: Any, q: Any) -> bytes:
-    """ggml's block bytes (block_q4_0 / block_iq4_nl): fp16 d, then qs[j] = code[j] | code[j + 16] << 4."""
+def pack(scales: Any, q: Any, fmt: BlockFormat) -> bytes:
+    """ggml's block bytes: fp16 d, then qs[j] = low nibble of code[j] | code[j + 16]'s << 4 (block_q4_0,
+    block_iq4_nl); Q5_0 (block_q5_0) puts code[k]'s fifth bit at bit k of a little-endian uint32 qh between."""
     import torch
 
     d = scales.half().numpy().astype("<f2").view(np.uint8).reshape(*scales.shape, 2)
     c = q.to(torch.uint8).numpy().reshape(*scales.shape, BLOCK)
-    qs = c[..., :BLOCK // 2] | (c[..., BLOCK // 2:] << 4)
-    return np.concatenate([d, qs], -1).tobytes()
+    qs = (c[..., :BLOCK // 2] & 0x0F) | ((c[..., BLOCK // 2:] & 0x0F) << 4)
+    if len(fmt.values) == 16:
+        return np.concatenate([d, qs], -1).tobytes()
+    qh = ((c >> 4).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)).sum(-1, dtype=np.uint32)
+    return np.concatenate([d, qh.astype("<u4").view(np.uint8).reshape(*scales.shape, 4), qs], -1).tobytes()
 
 
 # q/k/v read one input, gate/up another: their covariance is summed once, under the first name.
@@ -293,26 +344,34 @@ def write(level_file: Path, blocks: dict[str, bytes], out: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def make(level_file: Path, reference: Path, hessians: dict[str, Any], fmt: BlockFormat, damp: float, out: Path,
-         compare: Path | None = None, progress: Callable[[str], None] | None = None, joint_refit: bool = False
-         ) -> dict:
-    """The GPTQ file at `out`: every tensor that llama.cpp's `level_file` stores in `fmt` and that has an input
-    covariance, rounded by GPTQ from the reference GGUF's weights; the rest kept. Details: per tensor, the proxy
-    error of GPTQ, of llama.cpp's rounding in `level_file`, and of `compare` (e.g. the imatrix file)."""
-    import torch
-
+def gptq_tensors(level_file: Path, hessians: Any) -> list[Any]:
+    """The tensors of llama.cpp's file that GPTQ rounds: those stored in one of FORMATS with an input covariance."""
     from alpaca_lora_cpu.gguf_files import check_gguf
 
-    blocks, per_tensor = {}, {}
-    for t in check_gguf(level_file).tensors:
-        if t.type != fmt.ggml_type or shared_name(t.name) not in hessians:
-            continue
+    types = {f.ggml_type for f in FORMATS.values()}
+    return [t for t in check_gguf(level_file).tensors if t.type in types and shared_name(t.name) in hessians]
+
+
+def make(level_file: Path, reference: Path, hessians: dict[str, Any], damp: float, out: Path,
+         compare: Path | None = None, progress: Callable[[str], None] | None = None, joint_refit: bool = False,
+         act_order: bool = False) -> dict:
+    """The GPTQ file at `out`: every tensor that llama.cpp's `level_file` (a level's or a recipe's) stores in one
+    of FORMATS and that has an input covariance, rounded by GPTQ in its own format from the reference GGUF's
+    weights; the rest kept. Details: per tensor, the proxy error of GPTQ, of llama.cpp's rounding in
+    `level_file`, and of `compare` (e.g. the imatrix file)."""
+    import torch
+
+    by_type = {f.ggml_type: f for f in FORMATS.values()}
+    blocks, per_tensor, types = {}, {}, {}
+    for t in gptq_tensors(level_file, hessians):
+        fmt = by_type[t.type]
+        types[t.type] = types.get(t.type, 0) + 1
         w = torch.from_numpy(tensor_array(reference, t.name))
         h = hessians[shared_name(t.name)]
-        scales, q = gptq(w, h, fmt, damp)
+        scales, q = gptq(w, h, fmt, damp, act_order=act_order)
         if joint_refit:
             scales = refit(w, h, scales, q, fmt)
-        blocks[t.name] = pack(scales, q)
+        blocks[t.name] = pack(scales, q, fmt)
         errs = {"gptq": float(proxy_error(w, dequantize(scales, q, fmt), h).sum()),
                 "llama_cpp": float(proxy_error(w, torch.from_numpy(tensor_array(level_file, t.name)), h).sum())}
         if compare is not None:
@@ -321,6 +380,7 @@ def make(level_file: Path, reference: Path, hessians: dict[str, Any], fmt: Block
         if progress:
             progress(t.name)
     if not blocks:
-        raise StageError(f"{level_file}: no {fmt.ggml_type} tensor with an input covariance to round")
+        raise StageError(f"{level_file}: no {'/'.join(by_type)} tensor with an input covariance to round")
     write(level_file, blocks, out)
-    return {"tensors": len(blocks), "damp": damp, "joint_refit": joint_refit, "proxy_error": per_tensor}
+    return {"tensors": len(blocks), "types": types, "damp": damp, "joint_refit": joint_refit,
+            "act_order": act_order, "proxy_error": per_tensor}

@@ -6,15 +6,15 @@ and make setup's build probe; `quantize_file` runs it in a child process so a na
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from alpaca_lora_cpu.config import RecipeParams, check_recipe
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.variants import IMAT, NEEDS_IMATRIX, SEARCHED, WEIGHT_TYPES, parse
+from alpaca_lora_cpu.variants import GPTQ, IMAT, NEEDS_IMATRIX, SEARCHED, WEIGHT_TYPES, parse
 
 TYPE_NAME = re.compile(r"^(Q[2-8]_(0|1|K|K_[SML])|IQ4_(NL|XS)|IQ3_(S|XXS)|IQ2_(S|XS|XXS)|IQ1_[SM]|F16|BF16)$")
 
@@ -28,7 +28,7 @@ def valid_types() -> dict[str, int]:
             if name.startswith(prefix) and TYPE_NAME.match(name.removeprefix(prefix))}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """What llama.cpp's quantizer is asked for one quantize.types entry."""
     name: str                   # the entry: q4_k_m, q4_k_m-imat or a recipe name
@@ -39,7 +39,7 @@ class Plan:
     overrides: tuple[tuple[str, str], ...] = ()  # (regex on tensor names, GGML type name)
     recipe: bool = False        # per-tensor types from a recipe (quantize.recipes or searched)
     autoround: bool = False     # <level>-ar: the level's tensors then rounded by AutoRound (autoround.py)
-    gptq: bool = False          # <level>-gptq: the level's tensors then rounded by GPTQ (gptq.py)
+    gptq: bool = False          # <level>-gptq / <recipe>-gptq: the file's tensors then rounded by GPTQ (gptq.py)
 
 
 def valid_tensor_types() -> dict[str, int]:
@@ -66,7 +66,10 @@ def read_recipe(path: Path) -> RecipeParams:
 def plan_for(entry: str, recipes: dict[str, RecipeParams], searched: Path | None = None) -> Plan:
     """quantize.types entry → Plan: a recipe name, `searched` (the search stage's recipe file), or <type> /
     <type>-imat (q4_k_m-imat: with the imatrix), <type>-ar (q4_0-ar: rounded by AutoRound), <type>-gptq
-    (iq4_nl-gptq: rounded by GPTQ)."""
+    (iq4_nl-gptq: rounded by GPTQ), <recipe>-gptq (searched-gptq: the recipe's file, rounded by GPTQ)."""
+    stem = entry.removesuffix(GPTQ)
+    if entry.endswith(GPTQ) and (stem in recipes or stem == SEARCHED):
+        return dataclasses.replace(plan_for(stem, recipes, searched), name=entry, gptq=True)
     if entry == SEARCHED and entry not in recipes:
         if searched is None:
             raise StageError("quantize.types has `searched` but no --searched recipe file was given")

@@ -10,7 +10,8 @@ A variant is one GGUF file the evaluation scores:
 A quantize.types entry is a llama.cpp level (`q4_k_m`), a level quantized with the importance matrix
 (`q4_k_m-imat`), a level rounded by AutoRound into llama.cpp's layout (`q4_0-ar`: alpaca_lora_cpu/autoround.py), a
 level rounded by GPTQ into ggml's blocks (`iq4_nl-gptq`: alpaca_lora_cpu/gptq.py), a recipe name from
-quantize.recipes, or `searched` (the recipe the search stage writes).
+quantize.recipes, `searched` (the recipe the search stage writes), or a recipe rounded by GPTQ (`searched-gptq`:
+its Q4_0 / Q5_0 / IQ4_NL tensors, the rest as llama.cpp rounds them).
 `parse` turns any variant name into what it is; dvc.yaml's evaluate stages follow the same stems (a test checks
 that they agree).
 """
@@ -29,8 +30,9 @@ AR = "-ar"                       # <level>-ar: the level's tensors rounded by Au
 AR_LEVELS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
              "q5_k_s", "q5_k_m", "q6_k")
 GPTQ = "-gptq"                   # <level>-gptq: the level's tensors rounded by GPTQ over the input covariances
-GPTQ_LEVELS = ("q4_0", "iq4_nl")  # the formats gptq.py writes (gptq.FORMATS; a test checks they agree)
+GPTQ_LEVELS = ("q4_0", "q5_0", "iq4_nl")  # the formats gptq.py writes (gptq.FORMATS; a test checks they agree)
 SEARCHED = "searched"            # the quantize.types entry whose recipe the search stage writes
+ROUNDINGS = (IMAT, AR, GPTQ)     # the suffixes that ask another rounding of the same types
 GGUF_DIR = "models/gguf"
 
 Kind = Literal["base", "reference", "plain", "imatrix", "i-quant", "autoround", "gptq", "recipe"]
@@ -84,11 +86,21 @@ def parse(name: str, recipes: Mapping[str, Any]) -> Variant:
     if name.endswith(AR):
         return Variant(name, "autoround", name.removesuffix(AR), False, None)
     if name.endswith(GPTQ):
-        return Variant(name, "gptq", name.removesuffix(GPTQ), False, None)
+        stem = name.removesuffix(GPTQ)
+        if stem in recipes or stem == SEARCHED:  # the recipe's file, its GPTQ formats rounded by GPTQ
+            recipe = parse(stem, recipes)
+            return Variant(name, "gptq", recipe.level, recipe.imatrix, recipe.recipe)
+        return Variant(name, "gptq", stem, False, None)
     imatrix = name.endswith(IMAT)
     level = name.removesuffix(IMAT)
     kind: Kind = "i-quant" if level.startswith("iq") else "imatrix" if imatrix else "plain"
     return Variant(name, kind, level, imatrix, None)
+
+
+def twin(name: str) -> str | None:
+    """The variant whose types this one rounds another way (q4_0-imat, q4_0-gptq → q4_0; searched-gptq →
+    searched), or None."""
+    return next((name.removesuffix(s) for s in ROUNDINGS if name.endswith(s)), None)
 
 
 def gguf_stem(name: str) -> str:
@@ -113,6 +125,7 @@ def names(types: Iterable[str]) -> list[str]:
 def check_names(types: Iterable[str], recipe_names: Iterable[str]) -> None:
     """ValueError naming the key when a quantize.types entry or recipe name would collide with another variant's
     name or files."""
+    recipe_names = list(recipe_names)
     for name in recipe_names:
         if name.endswith(IMAT):
             raise ValueError(f"quantize.recipes.{name}: a recipe name must not end in {IMAT} (that suffix asks a "
@@ -132,7 +145,8 @@ def check_names(types: Iterable[str], recipe_names: Iterable[str]) -> None:
         if name.endswith(AR) and name.removesuffix(AR) not in AR_LEVELS:
             raise ValueError(f"quantize.types: auto-round does not write {name.removesuffix(AR)!r} as GGUF; "
                              f"-ar levels: {', '.join(AR_LEVELS)}")
-        if name.endswith(GPTQ) and name.removesuffix(GPTQ) not in GPTQ_LEVELS:
+        stem = name.removesuffix(GPTQ)
+        if name.endswith(GPTQ) and stem not in GPTQ_LEVELS and stem not in recipe_names and stem != SEARCHED:
             raise ValueError(f"quantize.types: GPTQ rounding is written for {', '.join(GPTQ_LEVELS)} blocks, not "
-                             f"{name.removesuffix(GPTQ)!r}; -gptq levels: "
-                             f"{', '.join(level + GPTQ for level in GPTQ_LEVELS)}")
+                             f"{stem!r}; -gptq entries: {', '.join(level + GPTQ for level in GPTQ_LEVELS)}, "
+                             f"{SEARCHED}{GPTQ} or <recipe>{GPTQ}")

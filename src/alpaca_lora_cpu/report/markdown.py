@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from alpaca_lora_cpu.metric_table import METRICS, formatted
 from alpaca_lora_cpu.report.inputs import Inputs
 from alpaca_lora_cpu.report.targets import best_within
-from alpaca_lora_cpu.variants import AR, BASE, FINETUNED, GPTQ, IMAT
+from alpaca_lora_cpu.variants import BASE, FINETUNED, GPTQ, IMAT, twin
 
 COMPARE_VARIANTS = (FINETUNED, "q4_0", "q2_k")  # answers to the first showcase prompt, side by side
 MARKS = {"met": "**met**", "missed": "**missed**", "undecided": "*undecided*", "not measured": "not measured"}
@@ -63,10 +63,10 @@ def instruction_following(rows: list[dict], paired: dict[str, tuple], ref: dict)
 
 
 def against_plain(v: dict[str, dict]) -> dict[str, str]:
-    """Each imatrix (<level>-imat), AutoRound (<level>-ar) and GPTQ (<level>-gptq) variant → its llama.cpp level,
-    where both were evaluated: the pairs the quantization table compares."""
-    return {name: name.removesuffix(suffix) for name in v for suffix in (IMAT, AR, GPTQ)
-            if name.endswith(suffix) and name.removesuffix(suffix) in v}
+    """Each imatrix (<level>-imat), AutoRound (<level>-ar) and GPTQ (<level>-gptq, <recipe>-gptq) variant → the
+    llama.cpp file it rounds another way (variants.twin), where both were evaluated: the pairs the quantization
+    table compares."""
+    return {name: twin(name) for name in v if twin(name) in v}
 
 
 def quantization_section(v: dict[str, dict], budgets: tuple[str, ...], calibration: dict, search: dict,
