@@ -101,8 +101,9 @@ def test_params_yaml_export_sections_load():
     assert loaded.convert.min_top1_agreement == 0.99
     assert loaded.generate.n_ctx >= 64
     types = yaml.safe_load(params.read_text())["quantize"]["types"]
-    # every entry is a llama.cpp level (maybe -imat), a recipe, or `searched`, each resolving to a valid level
-    plans = [plan_for(t, loaded.quantize.recipes) for t in types if t != SEARCHED]
+    # every entry is a llama.cpp level (maybe -imat), a recipe, or `searched` (maybe -gptq), each resolving to a
+    # valid level
+    plans = [plan_for(t, loaded.quantize.recipes) for t in types if not t.startswith(SEARCHED)]
     assert plans and {p.qtype for p in plans} <= set(valid_types())
     with pytest.raises(ValueError, match="export.gate_prompts"):
         ExportParams("fp32", "1GB", True, 0, 64, 1e-3)
