@@ -43,6 +43,7 @@ from alpaca_lora_cpu.quantizer import (
     plan_for,
     quantize_file,
     read_recipe,
+    recipe_gptq,
     recipe_type,
 )
 from alpaca_lora_cpu.variants import SEARCHED
@@ -161,6 +162,7 @@ def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessia
     """llama.cpp's file of the plan's level (plain) or recipe (as the recipe says) is the layout; GPTQ then rounds
     each of its Q4_0 / Q5_0 / IQ4_NL tensors over the input covariances. The proxy errors are compared with the
     layout's and with llama.cpp's imatrix rounding of the same types (for an imatrix recipe: the layout itself).
+    A recipe whose types end in -gptq (a searched recipe's iq4_nl-gptq groups) has just those tensors rounded.
     (seconds, llama.cpp's log lines, per-tensor proxy errors and how many fell below each rival.) `joint_refit`
     (gptq.refit, off in the pipeline) is for make bench-gptq."""
     import dataclasses
@@ -174,6 +176,7 @@ def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessia
         raise StageError(f"{plan.name} needs the imatrix stage's --imatrix file and --hessians folder "
                          "(imatrix.covariance: true)")
     h = Hessians(hessians)
+    only = None if plan.gptq else (lambda name: recipe_gptq(plan, name))  # noqa: E731
     base = dataclasses.replace(plan, gptq=False)
     layout, rival = (dst.with_name(dst.name + suffix) for suffix in (".llama-cpp.gguf", ".imatrix.gguf"))
     try:
@@ -183,9 +186,12 @@ def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessia
         else:
             quantize_file(src, rival, dataclasses.replace(base, imatrix=True), imatrix)
         t0 = time.perf_counter()
-        with tqdm(total=len(gptq_tensors(layout, h)), unit="tensor", desc=f"GPTQ {plan.name}") as bar:
+        chosen = gptq_tensors(layout, h, only)
+        if only is not None:
+            check_gptq_asked(layout, plan, {t.name for t in chosen})
+        with tqdm(total=len(chosen), unit="tensor", desc=f"GPTQ {plan.name}") as bar:
             details = make(layout, src, h, options.damp, dst, compare=rival, progress=lambda _: bar.update(),
-                           act_order=options.act_order, joint_refit=joint_refit)
+                           act_order=options.act_order, joint_refit=joint_refit, only=only)
         gptq_seconds = time.perf_counter() - t0
     finally:
         layout.unlink(missing_ok=True)
@@ -196,6 +202,18 @@ def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessia
                 "below_plain": sum(e["gptq"] < e["llama_cpp"] for e in errors),
                 "below_imatrix": sum(e["gptq"] < e["compare"] for e in errors)}
     return seconds + gptq_seconds, lines, details
+
+
+def check_gptq_asked(layout: Path, plan: Plan, rounded: set[str]) -> None:
+    """Every tensor the recipe asks GPTQ for gets it: GPTQ needs the tensor's input covariance (decoder linears
+    only, not token_embd / output) and its type in one of gptq.FORMATS as llama.cpp stored it."""
+    from alpaca_lora_cpu.gguf_files import tensor_infos
+
+    missed = [t for t in tensor_infos(layout) if recipe_gptq(plan, t.name) and t.name not in rounded]
+    if missed:
+        raise StageError(f"{plan.name}: the recipe asks GPTQ for {missed[0].name} ({missed[0].type}), which GPTQ "
+                         f"cannot round: no input covariance, or not a Q4_0 / Q5_0 / IQ4_NL tensor "
+                         f"({len(missed)} such tensor(s)); give it a plain type")
 
 
 def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: Path,
@@ -218,7 +236,7 @@ def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
     text = modelfile(out.name, prompt.template, eos_text(reader), extra_stops, chat_template(reader))
     with atomic_path(out) as tmp:
         autoround = gptq = None
-        if plan.gptq:
+        if plan.rounds_gptq:
             if gptq_options is None:
                 raise StageError(f"{plan.name}: a -gptq level needs quantize.gptq")
             seconds, lines, gptq = quantize_gptq(src, tmp, plan, imatrix, hessians, gptq_options)
@@ -239,7 +257,7 @@ def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
             "quantize_seconds": seconds, "source_bytes": src.stat().st_size, "tensors": len(infos),
             "tensor_types": type_counts(infos), "other_type": other_types(infos, plan, lines),
             "autoround": int(plan.autoround), **({"autoround_details": autoround} if autoround else {}),
-            "gptq": int(plan.gptq), **({"gptq_details": gptq} if gptq else {}),
+            "gptq": int(plan.rounds_gptq), **({"gptq_details": gptq} if gptq else {}),
         }
         if plan.imatrix and not metrics["imatrix_entries"]:
             raise StageError(f"{plan.name}: llama.cpp did not report using the importance matrix {imatrix}")

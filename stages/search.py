@@ -1,8 +1,9 @@
 """search: a per-tensor-group quantization recipe under a size budget, chosen by measured KLD.
 
 Run: python -m stages.search --params params.yaml --src models/gguf/finetuned-reference.gguf \
-         --imatrix models/imatrix/imatrix.gguf --data data/prepared --out models/search/recipe.json \
-         --candidates reports/search/candidates.csv --metrics reports/metrics/search.json
+         --imatrix models/imatrix/imatrix.gguf --hessians models/imatrix/hessians --data data/prepared \
+         --out models/search/recipe.json --candidates reports/search/candidates.csv \
+         --metrics reports/metrics/search.json
 
 1. Calibration: `search.calibration_tokens` tokens of the train split (never the val split the report
    evaluates on), each record prompt + response + EOS. The reference GGUF's next-token distributions on them
@@ -12,6 +13,10 @@ Run: python -m stages.search --params params.yaml --src models/gguf/finetuned-re
    KLD over all calibration positions. The model is quantized (with the importance matrix) once per type, every
    group at that type, and each candidate is assembled from those files' tensors (gguf_files.assemble: the same
    bytes llama.cpp writes for that recipe), so the quantizing grows with the number of types, not candidates.
+   A `<fmt>-gptq` type (iq4_nl-gptq, q5_0-gptq, q4_0-gptq) is that type's file with every decoder linear
+   rounded by GPTQ over the imatrix stage's covariances (`--hessians`, quantize.gptq): one GPTQ pass per type,
+   offered to the groups that have covariances (not token_embd). GPTQ rounds each tensor from its own weights
+   and H alone, so the tensor's bytes are those quantize@searched writes.
 3. Knapsack: the KLD increases are taken as additive; a multiple-choice knapsack over the groups' estimated
    sizes picks the assignments with the smallest total within the budget (`search.budget_mib`, default the
    stock q4_0 file's size).
@@ -32,10 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
-from alpaca_lora_cpu.config import PromptParams, SearchParams, as_dict, load_params
+from alpaca_lora_cpu.config import GptqParams, PromptParams, SearchParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
 from alpaca_lora_cpu.files import ensure_writable, read_jsonl, write_csv, write_json
 from alpaca_lora_cpu.openers import load_npz
+from alpaca_lora_cpu.variants import tensor_rounding
 
 log = logging.getLogger("search")
 # Tensor groups (regex on GGUF names). token_embd is also the output matrix of tied models like SmolLM2.
@@ -62,15 +68,17 @@ class Group:
 
 
 def tensor_bytes(ttype: str, ncols: int, elements: int) -> float | None:
-    """Stored bytes of a tensor in `ttype`, or None when its rows do not divide into the type's blocks."""
+    """Stored bytes of a tensor in `ttype` (IQ4_NL-GPTQ: IQ4_NL's), or None when its rows do not divide into the
+    type's blocks."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[ttype]]
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[tensor_rounding(ttype)[0]]]
     return None if ncols % block else elements / block * size
 
 
-def build_groups(infos: list, types: tuple[str, ...]) -> tuple[list[Group], float]:
-    """The groups with their size per fitting type, and the bytes of everything outside them (norms, …)."""
+def build_groups(infos: list, types: tuple[str, ...], covered=None) -> tuple[list[Group], float]:
+    """The groups with their size per fitting type, and the bytes of everything outside them (norms, …). A -gptq
+    type is offered only to groups whose every tensor has an input covariance (`covered(name)`)."""
     groups, grouped = [], set()
     for name, pattern in GROUPS.items():
         tensors = tuple((t.name, t.shape[0], t.n_elements) for t in infos if re.search(pattern, t.name))
@@ -79,6 +87,8 @@ def build_groups(infos: list, types: tuple[str, ...]) -> tuple[list[Group], floa
         grouped |= {t[0] for t in tensors}
         options = {}
         for ttype in dict.fromkeys([*(t.upper() for t in types), TOP]):
+            if tensor_rounding(ttype)[1] and not (covered and all(covered(n) for n, _, _ in tensors)):
+                continue
             sizes = [tensor_bytes(ttype, ncols, n) for _, ncols, n in tensors]
             if all(s is not None for s in sizes):
                 options[ttype] = float(sum(sizes))
@@ -174,6 +184,23 @@ def _quantize_types(src: str, imatrix: str, work: str, types: dict[str, dict[str
     return files
 
 
+def gptq_files(files: dict[str, str], gptq_types: list[str], src: str, hessians: Path, options: GptqParams,
+               work: str) -> dict[str, str]:
+    """One GPTQ pass per -gptq type: its llama.cpp type file with every decoder linear stored in that type
+    rounded by GPTQ (gptq.make, as quantize@searched rounds them); type → file."""
+    from tqdm import tqdm
+
+    from alpaca_lora_cpu.gptq import Hessians, make
+
+    h = Hessians(hessians)
+    out = {}
+    for ttype in tqdm(gptq_types, desc="search: GPTQ each -gptq type once", unit="type"):
+        dst = Path(work) / f"type-{ttype.lower()}.gguf"
+        make(Path(files[tensor_rounding(ttype)[0]]), Path(src), h, options.damp, dst, act_order=options.act_order)
+        out[ttype] = str(dst)
+    return out
+
+
 def _score_all(files: dict[str, str], groups: list, assignments: list[dict[str, str]], dst: str, ref: str,
                threads: int, desc: str) -> list[tuple[float, int]]:
     """In a child: each assignment assembled from the per-type files (gguf_files.assemble) and scored:
@@ -187,8 +214,8 @@ def _score_all(files: dict[str, str], groups: list, assignments: list[dict[str, 
     for assignment in tqdm(assignments, desc=desc, unit="candidate"):
         sources = {n: files[ttype] for g, ttype in assignment.items() for n in names[g]}
         assemble(files[TOP], sources, dst)
-        wrong = [t.name for t in tensor_infos(dst) if t.name in sources and t.type != assignment_of(t.name,
-                                                                                                     assignment)]
+        wrong = [t.name for t in tensor_infos(dst)
+                 if t.name in sources and t.type != tensor_rounding(assignment_of(t.name, assignment))[0]]
         if wrong:
             raise StageError(f"internal: the assembled candidate stores {wrong[0]} in another type than asked")
         out.append((score(dst, ref, threads), os.path.getsize(dst)))
@@ -263,8 +290,21 @@ def stock_q4_0_bytes(src: Path, work: Path, threads: int) -> int:
     return size
 
 
-def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, data: Path, mlflow=None
-        ) -> tuple[dict, list[dict], dict]:
+def covered_by(hessians: Path | None, types: tuple[str, ...]):
+    """name → whether the tensor has an input covariance (gptq.shared_name), or None when no -gptq type is asked;
+    StageError when one is asked and the covariances are missing."""
+    if not any(tensor_rounding(t)[1] for t in types):
+        return None
+    from alpaca_lora_cpu.gptq import Hessians, shared_name
+
+    if hessians is None:
+        raise StageError("search.types has -gptq types: pass --hessians (the imatrix stage's covariance folder)")
+    h = Hessians(hessians)
+    return lambda name: shared_name(name) in h
+
+
+def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, data: Path, mlflow=None,
+        hessians: Path | None = None, gptq: GptqParams | None = None) -> tuple[dict, list[dict], dict]:
     """(recipe, candidate rows, metrics)."""
     from alpaca_lora_cpu.gguf_files import tensor_infos
     from alpaca_lora_cpu.native import call_in_child
@@ -274,7 +314,7 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
     threads = os.cpu_count() or 1
     started = time.time()
     infos = tensor_infos(src)
-    groups, rest = build_groups(infos, params.types)
+    groups, rest = build_groups(infos, params.types, covered_by(hessians, params.types))
     # the file also holds metadata (the tokenizer's vocabulary, …) and alignment: count it against the budget
     rest += src.stat().st_size - sum(t.n_bytes for t in infos)
     texts = calibration_texts(data, prompt.template, src)
@@ -290,10 +330,19 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
                                file=src, action="scoring the reference")
         log.info("budget %.1f MiB; %d calibration tokens; groups: %s", budget / MIB, tokens,
                  ", ".join(f"{g.name} ({'/'.join(t.lower() for t in g.options)})" for g in groups))
-        per_type = {t: ({} if t == TOP else {g.name: t for g in groups if t in g.options})
-                    for t in dict.fromkeys(t for g in groups for t in g.options)}
+        # llama.cpp's pass per type (a -gptq type's too: GPTQ starts from its file), every group it may take
+        per_type = {b: ({} if b == TOP else {g.name: b for g in groups
+                                             if any(tensor_rounding(t)[0] == b for t in g.options)})
+                    for b in dict.fromkeys(tensor_rounding(t)[0] for g in groups for t in g.options)}
         files = call_in_child(_quantize_types, str(src), str(imatrix), str(work), per_type, threads, file=src,
                               action="quantizing the search's types")
+        gptq_types = list(dict.fromkeys(t for g in groups for t in g.options if tensor_rounding(t)[1]))
+        t0 = time.time()
+        if gptq_types:
+            if gptq is None:
+                raise StageError("search.types has -gptq types but no quantize.gptq options were given")
+            files |= gptq_files(files, gptq_types, str(src), hessians, gptq, str(work))
+        gptq_seconds = time.time() - t0
         rows: list[dict] = []
 
         def measure(assignments: list[dict[str, str]], phase: str) -> list[tuple[float, int]]:
@@ -320,7 +369,8 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
     kld, size, predicted, best = min(fitting, key=lambda v: v[0])
     recipe = recipe_of(best)
     metrics = {"budget_mib": budget / MIB, "calibration_tokens": tokens, "candidates": len(rows),
-               "quantized_types": len(per_type), "baseline_kld": base_kld, "winner_kld": kld,
+               "quantized_types": len(per_type), "gptq_types": len(gptq_types), "gptq_seconds": gptq_seconds,
+               "baseline_kld": base_kld, "winner_kld": kld,
                "winner_predicted_kld": base_kld + predicted, "winner_mib": size / MIB,
                "winner_fits_budget": int(size <= budget), "seconds": time.time() - started}
     log.info("winner: %s — %.1f MiB, calibration KLD %.4f", ", ".join(f"{g}={t.lower()}" for g, t in best.items()),
@@ -330,11 +380,13 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
 
 # The flat numbers (search.json); the whole record goes to search.details.json.
 METRICS = ["winner_kld", "winner_mib", "winner_predicted_kld", "winner_fits_budget", "baseline_kld", "budget_mib",
-           "candidates", "quantized_types", "calibration_tokens", "seconds"]
+           "candidates", "quantized_types", "gptq_types", "gptq_seconds", "calibration_tokens", "seconds"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(make_parser(__doc__, "src", "imatrix", "data", "out", "candidates", "metrics"), argv)
+    ap = make_parser(__doc__, "src", "imatrix", "data", "out", "candidates", "metrics")
+    ap.add_argument("--hessians", type=Path, help="the imatrix stage's input covariances, for -gptq search.types")
+    args = parse_args(ap, argv)
     config = load_params(args.params)
     ensure_writable(args.out, args.candidates, args.metrics)
     from alpaca_lora_cpu.cost import check_mapped
@@ -342,8 +394,11 @@ def main(argv: list[str] | None = None) -> None:
     check_mapped("search", args.src, "convert.outtype (q8_0: a smaller reference)")
     from alpaca_lora_cpu.tracking import stage_run, write_stage_metrics
 
-    with stage_run("search", {"search": as_dict(config.search), "prompt": as_dict(config.prompt)}) as mlflow:
-        recipe, rows, metrics = run(config.search, config.prompt, args.src, args.imatrix, args.data, mlflow)
+    logged = {"search": as_dict(config.search), "prompt": as_dict(config.prompt),
+              "quantize": {"gptq": as_dict(config.quantize.gptq)}}
+    with stage_run("search", logged) as mlflow:
+        recipe, rows, metrics = run(config.search, config.prompt, args.src, args.imatrix, args.data, mlflow,
+                                    args.hessians, config.quantize.gptq)
         write_csv(args.candidates, rows, list(rows[0]))
         write_json(args.out, recipe)
         write_stage_metrics(mlflow, args.metrics, metrics, METRICS)

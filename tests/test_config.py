@@ -165,6 +165,24 @@ def test_gptq_levels_need_the_covariances_and_a_damping_in_range(tmp_path):
     assert "'quantize.gptq.act_order' must be bool, got 'yes'" in one_line_error(path)
 
 
+def test_search_types_and_recipe_types_take_gptq_formats_only(tmp_path):
+    path = write_params(tmp_path, lambda d: d["search"].update(types=["q4_0", "q4_k-gptq"]))
+    assert "search.types[1]: GPTQ rounding is written for q4_0, q5_0, iq4_nl blocks, not 'q4_k'" in one_line_error(
+        path)
+    path = write_params(tmp_path, lambda d: d["quantize"]["recipes"]["emb-q4"]["overrides"].update(ffn="q6_k-gptq"))
+    assert "quantize.recipes.emb-q4.overrides.ffn: GPTQ rounding is written for" in one_line_error(path)
+
+    def no_covariance(doc):
+        doc["imatrix"]["covariance"] = False
+        doc["quantize"]["types"] = ["q4_0"]
+        doc["search"]["types"] = ["q4_0", "iq4_nl-gptq"]
+
+    assert "search.types has iq4_nl-gptq, which GPTQ rounds over the input covariances" in one_line_error(
+        write_params(tmp_path, no_covariance))
+    ok = write_params(tmp_path, lambda d: d["search"].update(types=["q4_0", "iq4_nl-gptq", "Q5_0-GPTQ"]))
+    assert load_params(ok).search.types == ("q4_0", "iq4_nl-gptq", "Q5_0-GPTQ")
+
+
 def test_gptq_names_a_level_a_recipe_or_searched():
     from alpaca_lora_cpu.config import RecipeParams
     from alpaca_lora_cpu.quantizer import plan_for

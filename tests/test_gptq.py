@@ -239,3 +239,52 @@ def test_a_recipe_rounded_by_gptq_rewrites_its_gptq_formats_and_keeps_the_rest(w
     for t in check_gguf(tmp_path / "g.gguf").tensors:
         same = raw(tmp_path / "g.gguf", t.name) == raw(tmp_path / "mix.gguf", t.name)
         assert same != (t.name in rewritten), (t.name, t.type)
+
+
+@pytest.mark.slow
+def test_a_recipe_asks_gptq_per_tensor_group_and_the_search_scores_the_same_bytes(wide_model, wide_hessians,
+                                                                                   tmp_path):
+    """A recipe type ending in -gptq (what the search writes when it picks iq4_nl-gptq for a group) rounds just
+    that group's tensors by GPTQ; the same type in the recipe's other groups keeps llama.cpp's bytes. The search
+    scores a -gptq type from one GPTQ pass over its type file: each tensor's bytes there must be the bytes
+    quantize@searched writes, or the search would rank something the pipeline does not build."""
+    from alpaca_lora_cpu.config import GptqParams, PromptParams, RecipeParams
+    from alpaca_lora_cpu.errors import StageError
+    from alpaca_lora_cpu.quantizer import plan_for, quantize_here
+    from stages.quantize import run
+    from stages.search import GROUPS, build_groups, covered_by, gptq_files, plan_of
+
+    hf, f16, imatrix = wide_model
+    options = GptqParams(damp=0.01, act_order=True)
+    recipes = {"mix": RecipeParams(type="q8_0", imatrix=True, token_embedding=None, output=None,
+                                   overrides={GROUPS["ffn_down"]: "iq4_nl-gptq", GROUPS["attn_v"]: "iq4_nl"})}
+    plan = plan_for("mix", recipes)
+    assert plan.rounds_gptq and not plan.gptq
+    m = run(plan, PromptParams("alpaca"), f16, tmp_path / "mix.gguf", tmp_path / "m.Modelfile", imatrix=imatrix,
+            hessians=wide_hessians, gptq_options=options)
+    assert m["gptq"] == 1 and m["gptq_details"]["types"] == {"IQ4_NL": 2}
+    assert set(m["gptq_details"]["proxy_error"]) == {"blk.0.ffn_down.weight", "blk.1.ffn_down.weight"}
+    assert m["gptq_details"]["below_imatrix"] == 2
+
+    # the search's way: llama.cpp's IQ4_NL type file, then one GPTQ pass over it
+    groups, _ = build_groups(check_gguf(f16).tensors, ("iq4_nl", "iq4_nl-gptq"),
+                             covered_by(wide_hessians, ("iq4_nl-gptq",)))
+    by = {g.name: g for g in groups}
+    assert "IQ4_NL-GPTQ" in by["ffn_down"].options and "IQ4_NL-GPTQ" not in by["token_embd"].options
+    assert by["ffn_down"].options["IQ4_NL-GPTQ"] == by["ffn_down"].options["IQ4_NL"]
+    type_file = tmp_path / "type-iq4_nl.gguf"
+    assignment = {g.name: "IQ4_NL" for g in groups}
+    assert quantize_here(str(f16), str(type_file), plan_of("IQ4_NL", assignment), 2, str(imatrix))[0] == 0
+    searched = gptq_files({"IQ4_NL": str(type_file)}, ["IQ4_NL-GPTQ"], str(f16), wide_hessians, options,
+                          str(tmp_path))["IQ4_NL-GPTQ"]
+    for name in ("blk.0.ffn_down.weight", "blk.1.ffn_down.weight"):
+        assert raw(searched, name) == raw(tmp_path / "mix.gguf", name)
+    for name in ("blk.0.attn_v.weight", "blk.1.attn_v.weight"):  # iq4_nl without -gptq: llama.cpp's bytes
+        assert raw(type_file, name) == raw(tmp_path / "mix.gguf", name) != raw(searched, name)
+
+    # token_embd has no input covariance: a recipe asking GPTQ for it is refused in one line, naming the tensor
+    bad = {"emb": RecipeParams(type="q8_0", imatrix=True, token_embedding="iq4_nl-gptq", output=None, overrides={})}
+    with pytest.raises(StageError, match="asks GPTQ for token_embd.weight"):
+        run(plan_for("emb", bad), PromptParams("alpaca"), f16, tmp_path / "emb.gguf", tmp_path / "e.Modelfile",
+            imatrix=imatrix, hessians=wide_hessians, gptq_options=options)
+    assert not (tmp_path / "emb.gguf").exists()

@@ -99,12 +99,14 @@ def test_section_names_the_calibration_and_recommends_per_budget():
                                  "calibration_sha256": "ab" * 32}, {})
     assert "19000 tokens (160 records) of `train`" in text
     assert "| q4_0 | imatrix | 92.0 | 0.3000 | 0.1800 | -40% |" in text  # no paired interval: the point alone
+    assert "AutoRound (`-ar`): no level in quantize.types" in text  # the table says why it has no AutoRound row
     with_ar = {**VARIANTS, "q4_0-ar": m(92, 0.12)}
     paired = quantization_section(with_ar, GOAL.budget_variants, {}, {},
                                   {"q4_0-imat": (0.6, 0.55, 0.66), "q4_0-ar": (0.4, 0.35, 0.45)})
     assert "| q4_0 | imatrix | 92.0 | 0.3000 | 0.1800 | -40% [-45, -34] |" in paired
     assert "| q4_0 | AutoRound | 92.0 | 0.3000 | 0.1200 | -60% [-65, -55] |" in paired
     assert "| q2_k | AutoRound" not in paired  # no q2_k-ar evaluated
+    assert "no level in quantize.types" not in paired
     with_gptq = {**with_ar, "q4_0-gptq": m(92, 0.09)}
     table = quantization_section(with_gptq, GOAL.budget_variants, {}, {}, seconds={"q4_0": 1.2, "q4_0-gptq": 113.4})
     assert "| q4_0 | GPTQ | 92.0 | 0.3000 | 0.0900 | -70% |" in table

@@ -73,3 +73,32 @@ def test_a_candidate_assembled_from_per_type_files_is_the_direct_quantization_by
     assert quantize_here(str(src), str(tmp_path / "direct.gguf"), plan_of("direct", mixed), 2, str(imatrix))[0] == 0
     assert sha256_file(tmp_path / "assembled.gguf") == sha256_file(tmp_path / "direct.gguf")
     assert {t.type for t in tensor_infos(tmp_path / "assembled.gguf") if "ffn_down" in t.name} == {"Q4_K"}
+
+
+def test_gptq_types_are_offered_only_to_groups_with_covariances_at_their_formats_size():
+    """search.types' <fmt>-gptq: the format's size; only where every tensor has an input covariance (the decoder
+    linears, not token_embd); a recipe that names it keeps the suffix for quantize@searched."""
+    infos = [TensorInfo("token_embd.weight", "F16", (576, 100), 57600, 115200),
+             TensorInfo("blk.0.attn_q.weight", "F16", (576, 576), 576 * 576, 2 * 576 * 576),
+             TensorInfo("blk.0.ffn_down.weight", "F16", (1536, 576), 1536 * 576, 2 * 1536 * 576)]
+    assert tensor_bytes("IQ4_NL-GPTQ", 576, 5760) == tensor_bytes("IQ4_NL", 576, 5760)
+    groups, _ = build_groups(infos, ("iq4_nl", "iq4_nl-gptq"), covered=lambda name: name.startswith("blk."))
+    by = {g.name: g for g in groups}
+    assert set(by["token_embd"].options) == {"IQ4_NL", "Q8_0"}
+    assert set(by["attn_qk"].options) == {"IQ4_NL", "IQ4_NL-GPTQ", "Q8_0"}
+    no_cov, _ = build_groups(infos, ("iq4_nl", "iq4_nl-gptq"))  # no covariances: no -gptq option anywhere
+    assert all("IQ4_NL-GPTQ" not in g.options for g in no_cov)
+    assert recipe_of({"ffn_down": "IQ4_NL-GPTQ"})["overrides"] == {GROUPS["ffn_down"]: "iq4_nl-gptq"}
+
+
+def test_a_plan_stores_a_gptq_type_as_its_format_and_rounds_just_those_tensors():
+    from alpaca_lora_cpu.config import RecipeParams
+    from alpaca_lora_cpu.quantizer import plan_for, recipe_gptq, recipe_type
+
+    recipes = {"r": RecipeParams("q8_0", True, "q4_0", None, {r"ffn_down": "iq4_nl-gptq", r"attn_v": "q5_0"})}
+    plan = plan_for("r", recipes)
+    assert plan.rounds_gptq and not plan.gptq
+    assert recipe_type(plan, "blk.0.ffn_down.weight") == "IQ4_NL" and recipe_gptq(plan, "blk.0.ffn_down.weight")
+    assert recipe_type(plan, "blk.0.attn_v.weight") == "Q5_0" and not recipe_gptq(plan, "blk.0.attn_v.weight")
+    assert not recipe_gptq(plan, "token_embd.weight") and recipe_type(plan, "token_embd.weight") == "Q4_0"
+    assert not plan_for("q", {"q": RecipeParams("q8_0", True, None, None, {r"ffn": "q5_0"})}).rounds_gptq

@@ -277,7 +277,7 @@ class QuantizeParams:
 @dataclass(frozen=True)
 class SearchParams:
     budget_mib: float | None     # the file size the searched recipe must fit; null: the stock q4_0 file's size
-    types: tuple[str, ...]       # GGML tensor types a tensor group may take (each keeps those its rows fit)
+    types: tuple[str, ...]       # GGML tensor types a group may take (those its rows fit; <fmt>-gptq: GPTQ-rounded)
     calibration_tokens: int      # train-split tokens each candidate's KLD is measured on
     top_k: int                   # reference log-probs kept per position for that KLD
     verify: int                  # best knapsack solutions quantized and measured for real
@@ -423,10 +423,17 @@ class Params:
     report: ReportParams
 
     def __post_init__(self) -> None:
-        gptq = [t for t in self.quantize.types if t.endswith(GPTQ)]
-        if gptq and not self.imatrix.covariance:
-            raise ValueError(f"quantize.types has {gptq[0]}, which GPTQ rounds over the input covariances: set "
-                             "imatrix.covariance: true (or drop the -gptq levels)")
+        if self.imatrix.covariance:
+            return
+        recipe_types = [(f"quantize.recipes.{n}", t) for n, r in self.quantize.recipes.items()
+                        for t in (r.token_embedding, r.output, *r.overrides.values()) if t]
+        gptq = [(where, t) for where, t in [*(("quantize.types", t) for t in self.quantize.types),
+                                            *(("search.types", t) for t in self.search.types), *recipe_types]
+                if t.lower().endswith(GPTQ)]
+        if gptq:
+            where, t = gptq[0]
+            raise ValueError(f"{where} has {t}, which GPTQ rounds over the input covariances: set "
+                             "imatrix.covariance: true (or drop the -gptq types)")
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.variants import AR, GPTQ, twin
+from alpaca_lora_cpu.variants import AR, GPTQ, SEARCHED, twin
 
 GB = 1e9
 OVERHEAD = 0.8e9      # a stage with python, torch, transformers and mlflow imported: 0.35-0.6 GB measured, once 0.75
@@ -231,15 +231,20 @@ def _covariance_elements(s: Shape) -> int:
     return 3 * s.hidden ** 2 + s.ffn ** 2
 
 
-def _gptq_cost(t: str, s: Shape, r: dict) -> tuple[float, float]:
-    """(seconds, bytes) of a -gptq level: llama.cpp's plain and imatrix files of the level, then GPTQ a tensor
-    at a time: the widest input's H in fp64 with its Cholesky factors (4 copies), the weight in fp32 (3)."""
+def _gptq_pass(s: Shape, r: dict) -> tuple[float, float]:
+    """(seconds, bytes) of one GPTQ pass over every decoder linear, a tensor at a time: the widest input's H in
+    fp64 with its Cholesky factors (4 copies), the weight in fp32 (3)."""
     weights = s.layers * s.layer_params
-    seconds = (2 * _quantize_seconds(s, _level(t), r) + GPTQ_PER_WEIGHT * weights
-               + 2 * s.layers * (s.hidden * _covariance_elements(s) + s.hidden * s.ffn ** 2)
+    seconds = (GPTQ_PER_WEIGHT * weights + 2 * s.layers * (s.hidden * _covariance_elements(s) + s.hidden * s.ffn ** 2)
                / (r["fp32_gflops"] * 1e9 * LAYERWISE))
     widest = max(s.hidden, s.ffn)
-    return seconds, OVERHEAD + max(QUANT_BUFFERS * s.params, 32 * widest ** 2 + 12 * s.hidden * s.ffn)
+    return seconds, 32 * widest ** 2 + 12 * s.hidden * s.ffn
+
+
+def _gptq_cost(t: str, s: Shape, r: dict) -> tuple[float, float]:
+    """(seconds, bytes) of a -gptq level: llama.cpp's plain and imatrix files of the level, then the GPTQ pass."""
+    seconds, memory = _gptq_pass(s, r)
+    return 2 * _quantize_seconds(s, _level(t), r) + seconds, OVERHEAD + max(QUANT_BUFFERS * s.params, memory)
 
 
 # Rates to plan memory with when no measurement is at hand (a stage checking its own peak): times are then rough.
@@ -301,12 +306,16 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
                     hint="imatrix.batch_tokens, imatrix.max_tokens, imatrix.covariance (false)"))
     types = list(dict.fromkeys([*(t.lower() for t in p.search.types), "q8_0"]))
     candidates = 1 + 6 * (len(types) - 1) + p.search.verify
-    out.append(Cost("search", sum(_quantize_seconds(s, t, r) for t in types)
+    # one llama.cpp pass per type, one GPTQ pass over that type's file per -gptq type
+    llama_types = dict.fromkeys(t.removesuffix(GPTQ) for t in types)
+    gptq_seconds, gptq_memory = _gptq_pass(s, r)
+    out.append(Cost("search", sum(_quantize_seconds(s, t, r) for t in llama_types)
+                    + gptq_seconds * sum(t.endswith(GPTQ) for t in types)
                     + candidates * (_pp_seconds(s, p.search.calibration_tokens, "q8_0", r) + s.size("q8_0") / DISK)
                     + _pp_seconds(s, p.search.calibration_tokens, "f16", r),
                     # quantizing each type, then scoring candidates (about q8_0-sized, repacked by llama.cpp)
                     LLAMA_OVERHEAD + 4 * 1024 * s.vocab + 12 * p.search.calibration_tokens * p.search.top_k
-                    + max(QUANT_BUFFERS * s.params, s.size("q8_0")), max(s.size(ref), s.size("q8_0")),
+                    + max(QUANT_BUFFERS * s.params, s.size("q8_0"), gptq_memory), max(s.size(ref), s.size("q8_0")),
                     hint="search.calibration_tokens, search.types, search.verify"))
     variants = [t for t in p.quantize.types]
     for t in variants:
@@ -317,7 +326,8 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
                             * p.quantize.autoround.seqlen * s.hidden, s.size(ref),
                             hint=f"quantize.autoround.nsamples, quantize.types (drop {t})"))
             continue
-        if t.endswith(GPTQ):
+        # searched with -gptq search.types: at most a whole GPTQ pass (it rounds just the groups given one)
+        if t.endswith(GPTQ) or (t == SEARCHED and any(x.lower().endswith(GPTQ) for x in p.search.types)):
             seconds, memory = _gptq_cost(t, s, r)
             out.append(Cost(f"quantize@{t}", seconds, memory, s.size(ref), hint=f"quantize.types (drop {t})"))
             continue

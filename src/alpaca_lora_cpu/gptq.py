@@ -344,26 +344,28 @@ def write(level_file: Path, blocks: dict[str, bytes], out: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def gptq_tensors(level_file: Path, hessians: Any) -> list[Any]:
-    """The tensors of llama.cpp's file that GPTQ rounds: those stored in one of FORMATS with an input covariance."""
+def gptq_tensors(level_file: Path, hessians: Any, only: Callable[[str], bool] | None = None) -> list[Any]:
+    """The tensors of llama.cpp's file that GPTQ rounds: those stored in one of FORMATS with an input covariance
+    (and, given `only`, whose name it accepts: a recipe's -gptq tensors)."""
     from alpaca_lora_cpu.gguf_files import check_gguf
 
     types = {f.ggml_type for f in FORMATS.values()}
-    return [t for t in check_gguf(level_file).tensors if t.type in types and shared_name(t.name) in hessians]
+    return [t for t in check_gguf(level_file).tensors
+            if t.type in types and shared_name(t.name) in hessians and (only is None or only(t.name))]
 
 
 def make(level_file: Path, reference: Path, hessians: dict[str, Any], damp: float, out: Path,
          compare: Path | None = None, progress: Callable[[str], None] | None = None, joint_refit: bool = False,
-         act_order: bool = False) -> dict:
+         act_order: bool = False, only: Callable[[str], bool] | None = None) -> dict:
     """The GPTQ file at `out`: every tensor that llama.cpp's `level_file` (a level's or a recipe's) stores in one
     of FORMATS and that has an input covariance, rounded by GPTQ in its own format from the reference GGUF's
     weights; the rest kept. Details: per tensor, the proxy error of GPTQ, of llama.cpp's rounding in
-    `level_file`, and of `compare` (e.g. the imatrix file)."""
+    `level_file`, and of `compare` (e.g. the imatrix file). `only`: round just the tensors whose name it accepts."""
     import torch
 
     by_type = {f.ggml_type: f for f in FORMATS.values()}
     blocks, per_tensor, types = {}, {}, {}
-    for t in gptq_tensors(level_file, hessians):
+    for t in gptq_tensors(level_file, hessians, only):
         fmt = by_type[t.type]
         types[t.type] = types.get(t.type, 0) + 1
         w = torch.from_numpy(tensor_array(reference, t.name))

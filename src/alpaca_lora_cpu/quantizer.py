@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alpaca_lora_cpu.config import RecipeParams, check_recipe
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.variants import GPTQ, IMAT, NEEDS_IMATRIX, SEARCHED, WEIGHT_TYPES, parse
+from alpaca_lora_cpu.variants import GPTQ, IMAT, NEEDS_IMATRIX, SEARCHED, WEIGHT_TYPES, parse, tensor_rounding
 
 TYPE_NAME = re.compile(r"^(Q[2-8]_(0|1|K|K_[SML])|IQ4_(NL|XS)|IQ3_(S|XXS)|IQ2_(S|XS|XXS)|IQ1_[SM]|F16|BF16)$")
 
@@ -34,12 +34,20 @@ class Plan:
     name: str                   # the entry: q4_k_m, q4_k_m-imat or a recipe name
     qtype: str                  # the llama.cpp level (ftype name)
     imatrix: bool
-    token_embedding: str | None = None  # GGML type names (upper case) or None: the level's choice
+    # GGML type names (upper case) or None: the level's choice. A recipe's type may end in -GPTQ (IQ4_NL-GPTQ):
+    # llama.cpp writes the type, then GPTQ rounds those tensors (recipe_gptq).
+    token_embedding: str | None = None
     output: str | None = None
     overrides: tuple[tuple[str, str], ...] = ()  # (regex on tensor names, GGML type name)
     recipe: bool = False        # per-tensor types from a recipe (quantize.recipes or searched)
     autoround: bool = False     # <level>-ar: the level's tensors then rounded by AutoRound (autoround.py)
     gptq: bool = False          # <level>-gptq / <recipe>-gptq: the file's tensors then rounded by GPTQ (gptq.py)
+
+    @property
+    def rounds_gptq(self) -> bool:
+        """GPTQ rounds some of the file's tensors: the whole level or recipe (-gptq), or a recipe's -gptq types."""
+        types = (self.token_embedding, self.output, *(t for _, t in self.overrides))
+        return self.gptq or any(t and tensor_rounding(t)[1] for t in types)
 
 
 def valid_tensor_types() -> dict[str, int]:
@@ -118,7 +126,9 @@ def quantize_here(src: str, dst: str, plan: Plan, nthread: int, imatrix: str | N
     qp = llama_cpp.llama_model_quantize_default_params()
     qp.ftype = valid_types()[plan.qtype]
     qp.nthread = nthread
-    tensor_types = valid_tensor_types()
+    types = valid_tensor_types()
+    tensor_types = {name: types[tensor_rounding(name)[0]] for name in (
+        plan.token_embedding, plan.output, *(t for _, t in plan.overrides)) if name}  # llama.cpp writes the type
     if plan.token_embedding:
         qp.token_embedding_type = tensor_types[plan.token_embedding]
     if plan.output:
@@ -161,8 +171,8 @@ def imatrix_entries(log_lines: list[str]) -> int:
     return next((int(m[1]) for m in found if m), 0)
 
 
-def recipe_type(plan: Plan, name: str) -> str | None:
-    """The GGML type the plan's recipe sets for a tensor (first matching override, then embedding/output)."""
+def _recipe_entry(plan: Plan, name: str) -> str | None:
+    """The type the plan's recipe gives a tensor as written (first matching override, then embedding/output)."""
     for pattern, ttype in plan.overrides:
         if re.search(pattern, name):
             return ttype
@@ -171,3 +181,15 @@ def recipe_type(plan: Plan, name: str) -> str | None:
     if name.startswith("output.") and plan.output:
         return plan.output
     return None
+
+
+def recipe_type(plan: Plan, name: str) -> str | None:
+    """The GGML type the plan's recipe stores a tensor in (IQ4_NL for IQ4_NL-GPTQ), or None: the level's."""
+    entry = _recipe_entry(plan, name)
+    return entry and tensor_rounding(entry)[0]
+
+
+def recipe_gptq(plan: Plan, name: str) -> bool:
+    """The plan's recipe asks GPTQ to round this tensor (its type ends in -GPTQ)."""
+    entry = _recipe_entry(plan, name)
+    return bool(entry) and tensor_rounding(entry)[1]

@@ -47,9 +47,20 @@ WEIGHT_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q
 NEEDS_IMATRIX = {"iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}
 
 
+def tensor_rounding(value: str) -> tuple[str, bool]:
+    """A per-tensor type of a recipe or of search.types → (its GGML type, rounded by GPTQ): iq4_nl-gptq →
+    (iq4_nl, True), q6_k → (q6_k, False). The case is kept."""
+    stem = value[:-len(GPTQ)] if value.lower().endswith(GPTQ) else value
+    return stem, stem != value
+
+
 def check_weight_type(key: str, value: str, imatrix: bool = True) -> None:
     """ValueError naming `key` unless `value` is a GGML type a weight can be quantized to (with an importance
-    matrix when `imatrix`)."""
+    matrix when `imatrix`), or one of GPTQ_LEVELS with the -gptq suffix (that type's blocks rounded by GPTQ)."""
+    value, gptq = tensor_rounding(value)
+    if gptq and value.lower() not in GPTQ_LEVELS:
+        raise ValueError(f"{key}: GPTQ rounding is written for {', '.join(GPTQ_LEVELS)} blocks, not {value!r}; "
+                         f"valid: {', '.join(level + GPTQ for level in GPTQ_LEVELS)}")
     if value.upper() not in WEIGHT_TYPES:
         raise ValueError(f"{key}: {value!r} is not a GGML weight type; valid: "
                          f"{', '.join(t.lower() for t in WEIGHT_TYPES)}")

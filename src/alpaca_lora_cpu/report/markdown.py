@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from alpaca_lora_cpu.metric_table import METRICS, formatted
 from alpaca_lora_cpu.report.inputs import Inputs
 from alpaca_lora_cpu.report.targets import best_within
-from alpaca_lora_cpu.variants import BASE, FINETUNED, GPTQ, IMAT, twin
+from alpaca_lora_cpu.variants import AR, BASE, FINETUNED, GPTQ, IMAT, twin
 
 COMPARE_VARIANTS = (FINETUNED, "q4_0", "q2_k")  # answers to the first showcase prompt, side by side
 MARKS = {"met": "**met**", "missed": "**missed**", "undecided": "*undecided*", "not measured": "not measured"}
@@ -96,6 +96,10 @@ def quantization_section(v: dict[str, dict], budgets: tuple[str, ...], calibrati
         lines.append(f"| {level} | {how} | {m['size_mb']:.1f} | {plain['kld_mean']:.4f} | {m['kld_mean']:.4f} | "
                      f"{change} | {plain.get('ppl', float('nan')):.3f} | {m.get('ppl', float('nan')):.3f} | "
                      f"{100 * plain['top1']:.1f} | {100 * m['top1']:.1f} | {took(level)} | {took(name)} |")
+    if not any(name.endswith(AR) for name in v):
+        lines += ["", "AutoRound (`-ar`): no level in quantize.types, so none in this table (why it is not a default: "
+                      "params.yaml's quantize.types note, make bench-autoround in docs/benchmarks.md); add `q4_0-ar` "
+                      "to quantize.types to compare it here."]
     lines += ["", "Best variant (lowest mean KLD) within each size:", ""]
     for budget in budgets:
         if budget in v:
@@ -106,7 +110,9 @@ def quantization_section(v: dict[str, dict], budgets: tuple[str, ...], calibrati
         lines += ["", f"Search (stage `search`): {search['candidates']} candidates measured on "
                       f"{search['calibration_tokens']} train-split tokens in {search['seconds']:.0f} s, budget "
                       f"{search['budget_mib']:.1f} MiB; winner {search['winner_mib']:.1f} MiB, calibration KLD "
-                      f"{search['winner_kld']:.4f} (predicted {search['winner_predicted_kld']:.4f}). Its recipe: "
+                      f"{search['winner_kld']:.4f} (predicted {search['winner_predicted_kld']:.4f})"
+                      + (f"; {search['gptq_types']:.0f} type(s) rounded by GPTQ once each, in "
+                         f"{search['gptq_seconds']:.0f} s" if search.get("gptq_types") else "") + ". Its recipe: "
                       "models/search/recipe.json; every candidate: reports/search/candidates.csv."]
     return "\n".join(lines)
 
