@@ -13,8 +13,10 @@ calibrating on it would flatter the imatrix variants.
 
 With `imatrix.covariance` the same pass sums each decoder linear's whole input covariance H = Σ x xᵀ (the
 imatrix is its diagonal) and writes it to `--hessians` a layer at a time (blk.<i>.safetensors, fp32, and
-hessians.json with the token count): what the -gptq levels round over. Without it the folder holds only the
-index, with no tensors.
+hessians.json with the token count): what the -gptq levels round over. The same pass also sums the LM head's
+input covariance (the final norm's output; blk.<num_hidden_layers>.safetensors, under the output matrix's GGUF
+name, token_embd.weight when tied), which quantize.gptq.head rounds the output matrix over; it is not in the
+imatrix, as llama-imatrix leaves the head out. Without it the folder holds only the index, with no tensors.
 """
 from __future__ import annotations
 

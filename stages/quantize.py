@@ -170,13 +170,13 @@ def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessia
 
     from tqdm import tqdm
 
-    from alpaca_lora_cpu.gptq import Hessians, gptq_tensors, make
+    from alpaca_lora_cpu.gptq import Hessians, gptq_tensors, make, rounded_by
 
     if hessians is None or imatrix is None or not imatrix.is_file():
         raise StageError(f"{plan.name} needs the imatrix stage's --imatrix file and --hessians folder "
                          "(imatrix.covariance: true)")
     h = Hessians(hessians)
-    only = None if plan.gptq else (lambda name: recipe_gptq(plan, name))  # noqa: E731
+    only = rounded_by(None if plan.gptq else (lambda name: recipe_gptq(plan, name)), options.head)
     base = dataclasses.replace(plan, gptq=False)
     layout, rival = (dst.with_name(dst.name + suffix) for suffix in (".llama-cpp.gguf", ".imatrix.gguf"))
     try:
@@ -187,7 +187,7 @@ def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessia
             quantize_file(src, rival, dataclasses.replace(base, imatrix=True), imatrix)
         t0 = time.perf_counter()
         chosen = gptq_tensors(layout, h, only)
-        if only is not None:
+        if not plan.gptq:
             check_gptq_asked(layout, plan, {t.name for t in chosen})
         with tqdm(total=len(chosen), unit="tensor", desc=f"GPTQ {plan.name}") as bar:
             details = make(layout, src, h, options.damp, dst, compare=rival, progress=lambda _: bar.update(),
@@ -212,7 +212,8 @@ def check_gptq_asked(layout: Path, plan: Plan, rounded: set[str]) -> None:
     missed = [t for t in tensor_infos(layout) if recipe_gptq(plan, t.name) and t.name not in rounded]
     if missed:
         raise StageError(f"{plan.name}: the recipe asks GPTQ for {missed[0].name} ({missed[0].type}), which GPTQ "
-                         f"cannot round: no input covariance, or not a Q4_0 / Q5_0 / IQ4_NL tensor "
+                         f"cannot round: no input covariance (the output matrix: quantize.gptq.head false), or not a "
+                         f"Q4_0 / Q5_0 / IQ4_NL tensor "
                          f"({len(missed)} such tensor(s)); give it a plain type")
 
 

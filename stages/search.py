@@ -190,13 +190,15 @@ def gptq_files(files: dict[str, str], gptq_types: list[str], src: str, hessians:
     rounded by GPTQ (gptq.make, as quantize@searched rounds them); type → file."""
     from tqdm import tqdm
 
-    from alpaca_lora_cpu.gptq import Hessians, make
+    from alpaca_lora_cpu.gptq import Hessians, make, rounded_by
 
     h = Hessians(hessians)
+    only = rounded_by(None, options.head)
     out = {}
     for ttype in tqdm(gptq_types, desc="search: GPTQ each -gptq type once", unit="type"):
         dst = Path(work) / f"type-{ttype.lower()}.gguf"
-        make(Path(files[tensor_rounding(ttype)[0]]), Path(src), h, options.damp, dst, act_order=options.act_order)
+        make(Path(files[tensor_rounding(ttype)[0]]), Path(src), h, options.damp, dst, act_order=options.act_order,
+             only=only)
         out[ttype] = str(dst)
     return out
 
@@ -290,17 +292,18 @@ def stock_q4_0_bytes(src: Path, work: Path, threads: int) -> int:
     return size
 
 
-def covered_by(hessians: Path | None, types: tuple[str, ...]):
-    """name → whether the tensor has an input covariance (gptq.shared_name), or None when no -gptq type is asked;
-    StageError when one is asked and the covariances are missing."""
+def covered_by(hessians: Path | None, types: tuple[str, ...], head: bool = True):
+    """name → whether GPTQ may round the tensor: it has an input covariance (gptq.shared_name), and is not the
+    output matrix unless `head` (quantize.gptq.head); None when no -gptq type is asked. StageError when one is
+    asked and the covariances are missing."""
     if not any(tensor_rounding(t)[1] for t in types):
         return None
-    from alpaca_lora_cpu.gptq import Hessians, shared_name
+    from alpaca_lora_cpu.gptq import Hessians, rounded_by, shared_name
 
     if hessians is None:
         raise StageError("search.types has -gptq types: pass --hessians (the imatrix stage's covariance folder)")
-    h = Hessians(hessians)
-    return lambda name: shared_name(name) in h
+    h, allowed = Hessians(hessians), rounded_by(None, head)
+    return lambda name: shared_name(name) in h and (allowed is None or allowed(name))
 
 
 def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, data: Path, mlflow=None,
@@ -314,7 +317,7 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
     threads = os.cpu_count() or 1
     started = time.time()
     infos = tensor_infos(src)
-    groups, rest = build_groups(infos, params.types, covered_by(hessians, params.types))
+    groups, rest = build_groups(infos, params.types, covered_by(hessians, params.types, gptq is None or gptq.head))
     # the file also holds metadata (the tokenizer's vocabulary, …) and alignment: count it against the budget
     rest += src.stat().st_size - sum(t.n_bytes for t in infos)
     texts = calibration_texts(data, prompt.template, src)

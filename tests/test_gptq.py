@@ -111,14 +111,17 @@ def test_gptq_file_keeps_llama_cpps_layout_and_beats_its_imatrix_rounding_per_te
     texts = ["Give three tips for staying healthy.", "Translate 'good morning' into French: Bonjour."] * 4
     sums, tokens = gptq.covariances(AutoConfig.from_pretrained(hf), Weights(hf).get,
                                     [tok(t)["input_ids"] for t in texts])
-    assert tokens > 0 and {n.split(".")[2] for n in sums} == {"attn_q", "attn_output", "ffn_gate", "ffn_down"}
+    assert "token_embd.weight" in sums  # the tied head's input covariance
+    assert tokens > 0 and {n.split(".")[2] for n in sums if n.startswith("blk.")} == {
+        "attn_q", "attn_output", "ffn_gate", "ffn_down"}
     for level in ("q4_0", "iq4_nl"):
         plain, imat, out = (tmp_path / f"{level}.gguf", tmp_path / f"{level}-imat.gguf", tmp_path / f"{level}-g.gguf")
         quantize_file(f16, plain, plan_for(level, {}))
         quantize_file(f16, imat, plan_for(f"{level}-imat", {}), imatrix)
         details = gptq.make(plain, f16, sums, 0.01, out, compare=imat)
         assert out.stat().st_size == plain.stat().st_size
-        assert details["tensors"] == 7 * 2
+        embd = next(t.type for t in check_gguf(plain).tensors if t.name == "token_embd.weight")
+        assert details["tensors"] == 7 * 2 + (embd == gptq.FORMATS[level].ggml_type)
         for name, e in details["proxy_error"].items():
             assert e["gptq"] < e["compare"] and e["gptq"] < e["llama_cpp"], (level, name, e)
         for t in check_gguf(out).tensors:
@@ -150,9 +153,10 @@ def test_the_imatrix_pass_writes_each_layers_covariance_once_and_the_imatrix_is_
 
     with_h, counts = collect(config, get, seqs, batch_tokens=8, covariance=sink)
     gptq.write_hessians_index(tmp_path, 7, 2)
-    # one call a layer, with that layer's four distinct inputs only: memory is one layer's H
+    # one call a layer, with that layer's four distinct inputs only: memory is one layer's H; then the head's
+    head = gptq.head_name(config)
     assert seen == [(i, [f"blk.{i}.{n}.weight" for n in ("attn_output", "attn_q", "ffn_down", "ffn_gate")])
-                    for i in range(2)]
+                    for i in range(2)] + [(2, [head])]
     assert set(with_h) == set(plain) and set(counts.values()) == {7}
     for name in plain:  # Σ x² is H's diagonal, for k, v and up through the input they share
         np.testing.assert_allclose(with_h[name], plain[name], rtol=1e-5)
@@ -162,7 +166,15 @@ def test_the_imatrix_pass_writes_each_layers_covariance_once_and_the_imatrix_is_
     for name, full in held.items():
         assert h[name].dtype == torch.float64
         torch.testing.assert_close(h[name], full.float().double())
-        np.testing.assert_allclose(np.diagonal(full.numpy()), plain[name], rtol=1e-5)
+        if name != head:
+            np.testing.assert_allclose(np.diagonal(full.numpy()), plain[name], rtol=1e-5)
+    # the head's H is Σ x xᵀ of the LM head's input: transformers' own final-norm output, token by token
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        x = torch.cat([model.model(torch.tensor([s])).last_hidden_state[0] for s in seqs])
+    torch.testing.assert_close(h[head], (x.T @ x).double(), rtol=1e-4, atol=1e-4)
 
 
 def test_a_folder_without_covariances_is_refused_in_one_line(tmp_path):
@@ -204,7 +216,8 @@ def test_a_gptq_level_through_the_quantize_stage(wide_model, wide_hessians, tmp_
     alpaca = PromptParams("alpaca")
     plain = run(plan_for(level, {}), alpaca, f16, tmp_path / "plain.gguf", tmp_path / "p.Modelfile")
     m = run(plan_for(f"{level}-gptq", {}), alpaca, f16, tmp_path / "g.gguf", tmp_path / "g.Modelfile",
-            imatrix=imatrix, hessians=folder, gptq_options=GptqParams(damp=0.01, act_order=act_order))
+            imatrix=imatrix, hessians=folder, gptq_options=GptqParams(damp=0.01, act_order=act_order,
+                                                                                    head=False))
     d = m["gptq_details"]
     assert m["gptq"] == 1 and m["file_bytes"] == plain["file_bytes"] and m["tensor_types"] == plain["tensor_types"]
     assert d["act_order"] is act_order
@@ -229,7 +242,7 @@ def test_a_recipe_rounded_by_gptq_rewrites_its_gptq_formats_and_keeps_the_rest(w
     own = run(plan_for("mix", recipes), alpaca, f16, tmp_path / "mix.gguf", tmp_path / "m.Modelfile",
               imatrix=imatrix)
     m = run(plan_for("mix-gptq", recipes), alpaca, f16, tmp_path / "g.gguf", tmp_path / "g.Modelfile",
-            imatrix=imatrix, hessians=wide_hessians, gptq_options=GptqParams(damp=0.01, act_order=False))
+            imatrix=imatrix, hessians=wide_hessians, gptq_options=GptqParams(damp=0.01, act_order=False, head=False))
     d = m["gptq_details"]
     assert m["gptq"] == 1 and m["recipe"] == 1 and m["imatrix"] == 1
     assert m["file_bytes"] == own["file_bytes"] and m["tensor_types"] == own["tensor_types"]
@@ -255,7 +268,7 @@ def test_a_recipe_asks_gptq_per_tensor_group_and_the_search_scores_the_same_byte
     from stages.search import GROUPS, build_groups, covered_by, gptq_files, plan_of
 
     hf, f16, imatrix = wide_model
-    options = GptqParams(damp=0.01, act_order=True)
+    options = GptqParams(damp=0.01, act_order=True, head=True)
     recipes = {"mix": RecipeParams(type="q8_0", imatrix=True, token_embedding=None, output=None,
                                    overrides={GROUPS["ffn_down"]: "iq4_nl-gptq", GROUPS["attn_v"]: "iq4_nl"})}
     plan = plan_for("mix", recipes)
@@ -267,10 +280,13 @@ def test_a_recipe_asks_gptq_per_tensor_group_and_the_search_scores_the_same_byte
     assert m["gptq_details"]["below_imatrix"] == 2
 
     # the search's way: llama.cpp's IQ4_NL type file, then one GPTQ pass over it
+    no_head, _ = build_groups(check_gguf(f16).tensors, ("iq4_nl", "iq4_nl-gptq"),
+                              covered_by(wide_hessians, ("iq4_nl-gptq",), head=False))
+    assert "IQ4_NL-GPTQ" not in {g.name: g for g in no_head}["token_embd"].options
     groups, _ = build_groups(check_gguf(f16).tensors, ("iq4_nl", "iq4_nl-gptq"),
                              covered_by(wide_hessians, ("iq4_nl-gptq",)))
     by = {g.name: g for g in groups}
-    assert "IQ4_NL-GPTQ" in by["ffn_down"].options and "IQ4_NL-GPTQ" not in by["token_embd"].options
+    assert "IQ4_NL-GPTQ" in by["ffn_down"].options and "IQ4_NL-GPTQ" in by["token_embd"].options
     assert by["ffn_down"].options["IQ4_NL-GPTQ"] == by["ffn_down"].options["IQ4_NL"]
     type_file = tmp_path / "type-iq4_nl.gguf"
     assignment = {g.name: "IQ4_NL" for g in groups}
@@ -282,9 +298,14 @@ def test_a_recipe_asks_gptq_per_tensor_group_and_the_search_scores_the_same_byte
     for name in ("blk.0.attn_v.weight", "blk.1.attn_v.weight"):  # iq4_nl without -gptq: llama.cpp's bytes
         assert raw(type_file, name) == raw(tmp_path / "mix.gguf", name) != raw(searched, name)
 
-    # token_embd has no input covariance: a recipe asking GPTQ for it is refused in one line, naming the tensor
-    bad = {"emb": RecipeParams(type="q8_0", imatrix=True, token_embedding="iq4_nl-gptq", output=None, overrides={})}
-    with pytest.raises(StageError, match="asks GPTQ for token_embd.weight"):
-        run(plan_for("emb", bad), PromptParams("alpaca"), f16, tmp_path / "emb.gguf", tmp_path / "e.Modelfile",
+    # the tied output matrix: GPTQ over the head's input covariance (quantize.gptq.head), also through a recipe
+    emb = {"emb": RecipeParams(type="q8_0", imatrix=True, token_embedding="iq4_nl-gptq", output=None, overrides={})}
+    e = run(plan_for("emb", emb), PromptParams("alpaca"), f16, tmp_path / "emb.gguf", tmp_path / "e.Modelfile",
             imatrix=imatrix, hessians=wide_hessians, gptq_options=options)
-    assert not (tmp_path / "emb.gguf").exists()
+    assert set(e["gptq_details"]["proxy_error"]) == {"token_embd.weight"} and e["gptq_details"]["below_imatrix"] == 1
+    assert raw(searched, "token_embd.weight") == raw(tmp_path / "emb.gguf", "token_embd.weight")
+    # with quantize.gptq.head false the same recipe is refused in one line, naming the tensor, and nothing written
+    with pytest.raises(StageError, match="asks GPTQ for token_embd.weight .*quantize.gptq.head false"):
+        run(plan_for("emb", emb), PromptParams("alpaca"), f16, tmp_path / "no.gguf", tmp_path / "n.Modelfile",
+            imatrix=imatrix, hessians=wide_hessians, gptq_options=GptqParams(0.01, True, head=False))
+    assert not (tmp_path / "no.gguf").exists()

@@ -87,10 +87,12 @@ def test_every_stage_ran_and_its_gates_passed(pipeline):
     assert imatrix["tensors"] == 210 and imatrix["tokens"] > 0 and imatrix["calibration_source"] == "train"
     # issue 22: the same pass wrote every layer's input covariances (4 distinct inputs a layer) for the -gptq levels
     index = json.loads((pipeline / "models/imatrix/hessians/hessians.json").read_text())
-    assert index["tokens"] == imatrix["tokens"] and index["layers"] == 30 and len(index["tensors"]) == 4 * 30
-    # bytes on disk: the fp32 payload (the 135M model's widths) plus one small safetensors header per layer file
-    payload = 4 * 30 * (3 * 576**2 + 1536**2)
-    assert payload < imatrix["hessian_bytes"] < payload + 30 * 4096
+    # four distinct inputs a layer, then the tied head's (the final norm's output) under token_embd's name
+    assert index["tokens"] == imatrix["tokens"] and index["layers"] == 30 and len(index["tensors"]) == 4 * 30 + 1
+    assert index["tensors"]["token_embd.weight"] == "blk.30.safetensors"
+    # bytes on disk: the fp32 payload (the 135M model's widths) plus one small safetensors header per file
+    payload = 4 * (30 * (3 * 576**2 + 1536**2) + 576**2)
+    assert payload < imatrix["hessian_bytes"] < payload + 31 * 4096
     quant = {q: metrics(pipeline, f"quantize/{q}.json") for q in SMALL_QUANTS}
     assert quant["q4_0"]["imatrix"] == 0 and quant["q4_0-imat"]["imatrix_entries"] == 210
     search = metrics(pipeline, "search.json")

@@ -250,6 +250,7 @@ class AutoRoundParams:
 class GptqParams:
     damp: float       # added to H's diagonal as damp · mean(diag H) before its Cholesky (GPTQ's percdamp)
     act_order: bool   # columns in order of falling diag(H), block scales fixed first (GPTQ's desc_act, static groups)
+    head: bool        # also the output matrix (token_embd when tied), over the final norm output's covariance
 
     def __post_init__(self) -> None:
         if not 0 < self.damp <= 1:

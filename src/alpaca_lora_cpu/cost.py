@@ -232,13 +232,14 @@ def _covariance_elements(s: Shape) -> int:
 
 
 def _gptq_pass(s: Shape, r: dict) -> tuple[float, float]:
-    """(seconds, bytes) of one GPTQ pass over every decoder linear, a tensor at a time: the widest input's H in
-    fp64 with its Cholesky factors (4 copies), the weight in fp32 (3)."""
-    weights = s.layers * s.layer_params
+    """(seconds, bytes) of one GPTQ pass over every decoder linear and the output matrix (quantize.gptq.head), a
+    tensor at a time: the widest input's H in fp64 with its Cholesky factors (4 copies), the weight in fp32 (3;
+    the output matrix, vocab × hidden, is the largest)."""
+    weights = s.layers * s.layer_params + s.vocab * s.hidden
     seconds = (GPTQ_PER_WEIGHT * weights + 2 * s.layers * (s.hidden * _covariance_elements(s) + s.hidden * s.ffn ** 2)
                / (r["fp32_gflops"] * 1e9 * LAYERWISE))
     widest = max(s.hidden, s.ffn)
-    return seconds, 32 * widest ** 2 + 12 * s.hidden * s.ffn
+    return seconds, 32 * widest ** 2 + 12 * max(s.hidden * s.ffn, s.vocab * s.hidden)
 
 
 def _gptq_cost(t: str, s: Shape, r: dict) -> tuple[float, float]:

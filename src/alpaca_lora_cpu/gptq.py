@@ -241,6 +241,15 @@ def shared_name(name: str) -> str:
     return name
 
 
+HEAD_NAMES = ("output.weight", "token_embd.weight")  # the output matrix's GGUF name: untied, tied
+
+
+def head_name(config: Any) -> str:
+    """The GGUF name of the output matrix, whose input covariance is the final norm's output: token_embd.weight
+    when the model ties it to the embedding (SmolLM2), else output.weight."""
+    return HEAD_NAMES[bool(getattr(config, "tie_word_embeddings", False))]
+
+
 def covariances(config: Any, get: Callable[[str], Any], sequences: list[list[int]],
                 progress: Callable[[int], None] | None = None, batch_tokens: int = 4096) -> tuple[dict, int]:
     """Σ x xᵀ (fp64) of every decoder linear's input over `sequences`, keyed by GGUF tensor name (the shared
@@ -258,7 +267,7 @@ HESSIANS_INDEX = "hessians.json"  # in the covariance folder: token count, layer
 
 def write_layer_hessians(folder: Path, layer: int, sums: dict[str, Any]) -> None:
     """One decoder layer's input covariances (GGUF names, see SHARED) as `blk.<layer>.safetensors`, fp32: the
-    folder holds one layer at a time in memory, whatever the model's size."""
+    folder holds one layer at a time in memory, whatever the model's size. Layer num_hidden_layers: the head's."""
     import torch
     from safetensors.torch import save_file
 
@@ -273,7 +282,7 @@ def write_hessians_index(folder: Path, tokens: int, layers: int) -> None:
     from safetensors import safe_open
 
     names = {}
-    for i in range(layers):
+    for i in range(layers + (folder / f"blk.{layers}.safetensors").is_file()):  # the layers, then the head's
         with safe_open(str(folder / f"blk.{i}.safetensors"), "pt") as f:
             names.update({n: f"blk.{i}.safetensors" for n in f.keys()})
     (folder / HESSIANS_INDEX).write_text(json.dumps({"tokens": tokens, "layers": layers, "dtype": "float32",
@@ -342,6 +351,13 @@ def write(level_file: Path, blocks: dict[str, bytes], out: Path) -> None:
                 fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def rounded_by(only: Callable[[str], bool] | None, head: bool) -> Callable[[str], bool] | None:
+    """`only` (a recipe's -gptq tensors, or None: all) less the output matrix unless `head` (quantize.gptq.head)."""
+    if head:
+        return only
+    return lambda name: name not in HEAD_NAMES and (only is None or only(name))
 
 
 def gptq_tensors(level_file: Path, hessians: Any, only: Callable[[str], bool] | None = None) -> list[Any]:

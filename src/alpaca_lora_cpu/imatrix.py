@@ -62,8 +62,11 @@ def collect(config: Any, get: Callable[[str], Any], sequences: list[list[int]],
     checkpoint `get` reads (layerwise.forward). The LM head is left out, as llama-imatrix does without
     --process-output. With `covariance`, the same pass also sums each input's whole Σ x xᵀ (fp32 products a
     batch, summed in fp64; q/k/v and gate/up once, gptq.SHARED) and hands `covariance(layer, {name: H})` each
-    layer's as soon as the layer is done, so only one layer's are ever held; Σ x² is then H's diagonal."""
-    from alpaca_lora_cpu.gptq import shared_name
+    layer's as soon as the layer is done, so only one layer's are ever held; Σ x² is then H's diagonal. Last,
+    `covariance(num_hidden_layers, {head: H})`: the LM head's input covariance (the final norm's output), under
+    the GGUF name of the output matrix (token_embd.weight when tied, gptq.head_name); it is not in the imatrix,
+    as llama-imatrix leaves the head out."""
+    from alpaca_lora_cpu.gptq import head_name, shared_name
     from alpaca_lora_cpu.layerwise import forward
 
     n_layers = config.num_hidden_layers
@@ -92,7 +95,17 @@ def collect(config: Any, get: Callable[[str], Any], sequences: list[list[int]],
         if progress:
             progress(i)
 
-    forward(config, get, sequences, on_input=record, logits=False, progress=done, batch_tokens=batch_tokens)
+    head: list[Any] = []
+
+    def record_head(x: Any) -> None:
+        x = x.detach().float()
+        xx = (x.T @ x).double()
+        head[:] = [head[0] + xx if head else xx]
+
+    forward(config, get, sequences, on_input=record, logits=False, progress=done, batch_tokens=batch_tokens,
+            on_head_input=record_head if covariance is not None else None)
+    if covariance is not None:
+        covariance(n_layers, {head_name(config): head[0]})
     return {n: s.numpy() for n, s in sums.items()}, counts
 
 

@@ -89,13 +89,15 @@ def batches(sequences: list[list[int]], batch_tokens: int) -> list[list[int]]:
 
 def forward(config: Any, get: Getter, sequences: list[list[int]], lora: Lora | None = None,
             on_input: Callable[[str, Any], None] | None = None, logits: bool = True,
-            progress: Callable[[int], None] | None = None, batch_tokens: int = 0) -> list[np.ndarray]:
+            progress: Callable[[int], None] | None = None, batch_tokens: int = 0,
+            on_head_input: Callable[[Any], None] | None = None) -> list[np.ndarray]:
     """Per sequence, fp32 logits for every position (row i predicts token i+1), computed layer by layer.
     `on_input(module name, input rows)` sees the input of every nn.Linear inside the decoder layers (the imatrix's
     statistics), one row per real token; `logits=False` stops after the last layer (and returns []).
     `progress(i)` after each layer. `batch_tokens` > 0 runs sequences of similar length together, right-padded to
     at most that many tokens a batch with the padding masked out (each sequence sees only itself, as alone); 0
-    runs one sequence at a time (the logit gates: exactly the whole model's arithmetic)."""
+    runs one sequence at a time (the logit gates: exactly the whole model's arithmetic). `on_head_input(rows)`
+    sees the LM head's input (the final norm's output), one row per real token, a batch at a time."""
     import torch
     import torch.nn.functional as F
     from transformers.masking_utils import create_causal_mask
@@ -144,10 +146,15 @@ def forward(config: Any, get: Getter, sequences: list[list[int]], lora: Lora | N
             trim()
             if progress:
                 progress(i)
-        if not logits:
+        if not logits and on_head_input is None:
             return []
         norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         norm.weight.data = get("model.norm.weight").float()
+        if on_head_input is not None:
+            for h, real in zip(hidden, valid, strict=True):
+                on_head_input(norm(h)[real])
+        if not logits:
+            return []
         head = embed if tied else get("lm_head.weight").float()
         result: list[Any] = [None] * len(sequences)
         for group, h in zip(groups, hidden, strict=True):
