@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
             for joint, act in options:
                 tag = f"damp {damp:g}" + (", joint refit" if joint else "") + (", act order" if act else "")
                 out = args.work / f"{entry}-gptq-{damp:g}{'-refit' if joint else ''}{'-act' if act else ''}.gguf"
+                gptq_options = GptqParams(damp, act, params.quantize.gptq.head)
                 seconds, _, details = quantize_gptq(args.src, out, plan_for(entry + GPTQ, recipes, args.searched),
-                                                    args.imatrix, args.hessians, GptqParams(damp, act, params.quantize.gptq.head), joint)
+                                                    args.imatrix, args.hessians, gptq_options, joint)
                 runs.append((tag, out, seconds, details["proxy_error"]))
         errors = runs[0][3]
         below = sum(e["gptq"] < e["compare"] for e in errors.values())
