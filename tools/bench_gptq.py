@@ -16,9 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
-from alpaca_lora_cpu.config import load_params
-from tools.bench_doc import DOC_TITLE, machine_stamp, replace_section
-from tools.quant_scores import score_row
+from tools.quant_scores import ScoreTable, add_bench_args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,34 +28,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--act-order", action="store_true", help="also a file per damp with act-order (static scales)")
     ap.add_argument("--hessians", type=Path, default=Path("models/imatrix/hessians"))
     ap.add_argument("--searched", type=Path, default=Path("models/search/recipe.json"))
-    ap.add_argument("--reference", type=Path, default=Path("models/reference"))
-    ap.add_argument("--work", type=Path, default=Path("models/bench-gptq"))
-    ap.add_argument("--doc", type=Path, help="also write the table as a stamped section of this Markdown file")
+    add_bench_args(ap, "bench-gptq")
     args = parse_args(ap, argv)
     from alpaca_lora_cpu import gptq
     from alpaca_lora_cpu.config import GptqParams
     from alpaca_lora_cpu.quantizer import plan_for, quantize_file
     from alpaca_lora_cpu.variants import GPTQ, GPTQ_LEVELS, IMAT
-    from stages.evaluate import load_reference
     from stages.quantize import quantize_gptq
 
-    params = load_params(args.params)
+    table = ScoreTable(args, ["seconds", "proxy error"])
+    params = table.params
     recipes = params.quantize.recipes
-    ref = load_reference(args.reference)
-    args.work.mkdir(parents=True, exist_ok=True)
     hessians = gptq.Hessians(args.hessians)
-    lines = [f"H = Σ x xᵀ of every decoder linear's input over the imatrix's {hessians.tokens} calibration tokens "
-             f"(the imatrix stage's {args.hessians}); scored on the {len(ref.arrays['n_prompt'])} records of "
-             "models/reference against the fine-tuned reference (95% bootstrap intervals over records). Proxy "
-             "error: Σ over the rewritten tensors of tr(ΔW H ΔWᵀ). Seconds: llama.cpp's quantizer, or the "
-             "quantize stage's whole -gptq work (llama.cpp's file of the entry, then GPTQ; the covariances not "
-             "included). A recipe's GPTQ rewrites its Q4_0 / Q5_0 / IQ4_NL tensors.", "",
-             "| variant | size MB | seconds | proxy error | mean KLD | top-1 | PPL |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-
-    def scored(name: str, seconds: float, proxy: float, path: Path) -> None:
-        lines.append(score_row(name, path, ref, params, f"{seconds:.0f}", f"{proxy:.4g}"))
-        print(lines[-1], flush=True)
 
     options = [(joint, act) for joint in (False, True)[:1 + args.joint_refit]
                for act in (False, True)[:1 + args.act_order]]
@@ -83,14 +65,19 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
         for name in rivals:  # the layout's rounding (plain, or the recipe's own), then the imatrix's
             key = "compare" if name.endswith(IMAT) or len(rivals) == 1 else "llama_cpp"
-            scored(f"{name} (llama.cpp)", took[name], sum(e[key] for e in errors.values()), files[name])
+            table.add(f"{name} (llama.cpp)", files[name], f"{took[name]:.0f}",
+                      f"{sum(e[key] for e in errors.values()):.4g}")
         for tag, out, seconds, errs in runs:
             worse = sum(e["gptq"] >= e["compare"] for e in errs.values())
-            scored(f"{entry}-gptq, {tag} ({worse} tensors not below -imat)", seconds,
-                   sum(e["gptq"] for e in errs.values()), out)
-    if args.doc:
-        replace_section(args.doc, "bench-gptq", f"## bench-gptq: {machine_stamp(args.doc)}\n\n" + "\n".join(lines),
-                        DOC_TITLE)
+            table.add(f"{entry}-gptq, {tag} ({worse} tensors not below -imat)", out, f"{seconds:.0f}",
+                      f"{sum(e['gptq'] for e in errs.values()):.4g}")
+    table.write("bench-gptq", "bench-gptq",
+                f"H = Σ x xᵀ of every decoder linear's input over the imatrix's {hessians.tokens} calibration tokens "
+                f"(the imatrix stage's {args.hessians}); scored on the {table.records} records of models/reference "
+                "against the fine-tuned reference (95% bootstrap intervals over records). Proxy error: Σ over the "
+                "rewritten tensors of tr(ΔW H ΔWᵀ). Seconds: llama.cpp's quantizer, or the quantize stage's whole "
+                "-gptq work (llama.cpp's file of the entry, then GPTQ; the covariances not included). A recipe's "
+                "GPTQ rewrites its Q4_0 / Q5_0 / IQ4_NL tensors.")
 
 
 if __name__ == "__main__":
