@@ -8,8 +8,9 @@ Run (dvc.yaml: evaluate@<entry> per quantize.types entry, evaluate-reference@bas
 - Quality on the reference's token sequences (held-out records, prompt masked, response + EOS scored):
   response perplexity; against finetuned (cached by the `reference` stage): mean KLD, p99, max,
   top-1 agreement and RMS Δp, as `llama-perplexity --kl-divergence` reports them.
-- Generation: greedy answers (`evaluate.max_new_tokens`) to the reference's prompts: ROUGE-L F1 against the
-  reference outputs (rouge-score), mean response length in tokens, share that ended with EOS before the limit.
+- Generation: greedy answers (`evaluate.max_new_tokens`; `evaluate.parallel` of them decoded together) to the
+  reference's prompts: ROUGE-L F1 against the reference outputs (rouge-score), mean response length in tokens,
+  share that ended with EOS before the limit.
 - Speed (fresh process, `evaluate.threads` fixed): prompt tok/s and generation tok/s, medians of
   `evaluate.speed.runs` after a warm-up; load time; peak RSS; file size; bits per weight.
 The metrics carry the reference's `run_id` and the GGUF's sha256, so `report` can refuse mixed runs. Every
@@ -59,21 +60,23 @@ def score(gguf: Path, ref: Reference, threads: int, iv: IntervalParams) -> dict:
     per-record sums the intervals and the report's paired comparisons resample (one entry per record)."""
     from tqdm import tqdm
 
-    from alpaca_lora_cpu.llama import open_llama, response_logits
+    from alpaca_lora_cpu.llama import open_llama, sequence_logits
     from alpaca_lora_cpu.metrics import TopK, compare_logits, summarize
     from alpaca_lora_cpu.stats import quantile_ci
 
     a = ref.arrays
     offsets, n_prompt = a["offsets"], a["n_prompt"]
+    seqs = [(a["tokens"][offsets[i]:offsets[i + 1]].tolist(), int(n_prompt[i]) - 1) for i in range(len(n_prompt))]
     parts: dict[str, list] = {}
     pos = 0
-    with open_llama(gguf, threads=threads, n_ctx=int(np.max(np.diff(offsets))), logits_all=True) as llm:
+    with open_llama(gguf, threads=threads, n_ctx=512) as llm:
         if llm.n_vocab() != ref.meta["n_vocab"]:
             raise StageError(f"{gguf}: vocabulary of {llm.n_vocab()} tokens, the reference has "
                              f"{ref.meta['n_vocab']}")
-        for i in tqdm(range(len(n_prompt)), desc=f"scoring {gguf.name}", unit="record"):
-            ids = a["tokens"][offsets[i]:offsets[i + 1]].tolist()
-            q = response_logits(llm, ids, int(n_prompt[i]))
+        # the same packing as the reference stage's (sequence_logits): finetuned scores exactly as the reference
+        rows = sequence_logits(llm, seqs)
+        for i, q in enumerate(tqdm(rows, total=len(seqs), desc=f"scoring {gguf.name}", unit="record")):
+            ids = seqs[i][0]
             n = len(q)
             sl = slice(pos, pos + n)
             top = TopK(a["top_ids"][sl], a["top_logp"][sl], a["tail_logp"][sl], a["target_logp"][sl])
@@ -94,7 +97,7 @@ def score(gguf: Path, ref: Reference, threads: int, iv: IntervalParams) -> dict:
             "kld_p99_ci": list(p99)}
 
 
-def generate_all(gguf: Path, ref: Reference, threads: int, max_new_tokens: int, template: str,
+def generate_all(gguf: Path, ref: Reference, threads: int, max_new_tokens: int, parallel: int, template: str,
                  extra_stops: tuple[str, ...]) -> list[dict]:
     """Greedy answers without stop sequences (`raw`, what the stop/leak/repeat rates judge), and each cut where
     the project's stop sequences would end it (`text`, what users see, what ROUGE, the instruction checks and the
@@ -103,14 +106,16 @@ def generate_all(gguf: Path, ref: Reference, threads: int, max_new_tokens: int, 
     from tqdm import tqdm
 
     from alpaca_lora_cpu.ifeval import check
-    from alpaca_lora_cpu.llama import eos_text, generate, open_llama
+    from alpaca_lora_cpu.llama import eos_text, generate_many, open_llama
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rows = []
     with open_llama(gguf, threads=threads, n_ctx=2048) as llm:
         stops = stop_sequences(template, extra_stops, end_token=eos_text(llm))
-        for p in tqdm(ref.prompts, desc=f"generating {gguf.name}", unit="prompt"):
-            g = generate(llm, p["prompt"], p.get("max_new_tokens") or max_new_tokens)
+        asked = [(p["prompt"], p.get("max_new_tokens") or max_new_tokens) for p in ref.prompts]
+        with tqdm(total=len(asked), desc=f"generating {gguf.name} ({parallel} at a time)", unit="answer") as bar:
+            answers = generate_many(llm, asked, parallel, on_done=bar.update)
+        for p, g in zip(ref.prompts, answers, strict=True):
             text = cut_at_stop(g.text, stops)
             row = {"kind": p["kind"], "id": p["id"], "instruction": p.get("instruction"), "text": text,
                    "raw": g.text, "tokens": g.tokens, "eos": g.stopped, "leak": leaks_template(g.text),
@@ -153,7 +158,7 @@ def run(variant: str, gguf: Path, ref: Reference, params: EvaluateParams, iv: In
         raise StageError(f"variant {variant}: {gguf} differs from the file the reference was computed on "
                          f"({ref.meta['gguf']}); rerun the reference stage")
     quality = score(gguf, ref, params.threads, iv)
-    rows = generate_all(gguf, ref, params.threads, params.max_new_tokens, template, extra_stops)
+    rows = generate_all(gguf, ref, params.threads, params.max_new_tokens, params.parallel, template, extra_stops)
     speed = bench(gguf, threads=params.threads, prompt_tokens=params.speed.prompt_tokens,
                   gen_tokens=params.speed.gen_tokens, runs=params.speed.runs)
     size = speed.pop("file_size_bytes")
@@ -197,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     v = parse(args.variant, config.quantize.recipes)
     logged = {"variant": args.variant, "imatrix": v.imatrix, "recipe": v.recipe or "none", "kind": v.kind,
               "gguf": str(args.gguf),
-              "threads": params.threads, "max_new_tokens": params.max_new_tokens, "speed": as_dict(params.speed),
+              "threads": params.threads, "max_new_tokens": params.max_new_tokens, "parallel": params.parallel,
+              "speed": as_dict(params.speed),
               "prompt": as_dict(config.prompt), "generate": {"stop": list(config.generate.stop)},
               "intervals": as_dict(config.intervals)}
     with stage_run("evaluate", logged, run_name=f"evaluate {args.variant}") as mlflow:

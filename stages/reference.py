@@ -97,15 +97,16 @@ def score_reference(gguf: Path, seqs: list[tuple[list[int], int]], params: Refer
     """The reference's compact distributions over every response position of `seqs`."""
     from tqdm import tqdm
 
-    from alpaca_lora_cpu.llama import open_llama, response_log_probs
-    from alpaca_lora_cpu.metrics import top_k_summary
+    from alpaca_lora_cpu.llama import open_llama, sequence_logits
+    from alpaca_lora_cpu.metrics import log_probs, top_k_summary
 
-    n_ctx = max(len(ids) for ids, _ in seqs)
     parts = []
-    with open_llama(gguf, threads=threads, n_ctx=n_ctx, logits_all=True) as llm:
-        for ids, n_prompt in tqdm(seqs, desc="reference logits", unit="record"):
-            logp = response_log_probs(llm, ids, n_prompt)
-            parts.append(top_k_summary(logp, np.asarray(ids[n_prompt:]), params.top_k))
+    with open_llama(gguf, threads=threads, n_ctx=512) as llm:
+        # the response rows as evaluate@<variant> computes them (sequence_logits: the same packing)
+        rows = sequence_logits(llm, [(ids, n_prompt - 1) for ids, n_prompt in seqs])
+        rows = tqdm(rows, total=len(seqs), desc="reference logits", unit="record")
+        for (ids, n_prompt), q in zip(seqs, rows, strict=True):
+            parts.append(top_k_summary(log_probs(q), np.asarray(ids[n_prompt:]), params.top_k))
     lengths = [len(ids) for ids, _ in seqs]
     return {
         "tokens": np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in seqs]),

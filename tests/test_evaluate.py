@@ -234,3 +234,45 @@ def test_bench_infer_prints_the_ratio(tiny_gguf, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ratio = float(proc.stdout.strip().splitlines()[-1].split()[-1])
     assert ratio > 0 and "bandwidth bound" in proc.stdout
+
+
+@pytest.mark.parametrize("model", ["embedded", "tiny"])
+def test_answers_decoded_together_are_the_answers_one_at_a_time(model, tiny_gguf):
+    """generate_many (evaluate's batched greedy decoding, slots refilled as answers end) gives each prompt the
+    tokens create_completion gives it alone: the embedded model ends some answers with EOS, the random tiny one
+    runs every answer to its own limit."""
+    from alpaca_lora_cpu.llama import generate, generate_many, open_llama
+    from stages.base import resolve
+
+    path = resolve("builtin:smollm2-135m-instruct").ref if model == "embedded" else tiny_gguf
+    asked = [("### Instruction:\nSay hi.\n\n### Response:\n", 24), ("Tell me about alpacas.", 9),
+             ("### Instruction:\nName a colour.\n\n### Response:\n", 30), ("1, 2, 3,", 1),
+             ("### Instruction:\nWrite a haiku about rain.\n\n### Response:\n", 17)]
+    with open_llama(path, threads=2, n_ctx=512) as llm:
+        alone = [generate(llm, p, m) for p, m in asked]
+        together = generate_many(llm, asked, parallel=2)
+    assert together == alone
+    assert all(g.tokens <= m for g, (_, m) in zip(together, asked, strict=True))
+    if model == "embedded":
+        assert any(g.stopped and g.tokens < m for g, (_, m) in zip(together, asked, strict=True))
+    else:
+        assert [g.tokens for g in together] == [m for _, m in asked]
+
+
+def test_packed_logits_are_each_sequences_own_rows(tiny_gguf):
+    """sequence_logits (reference and evaluate's scoring: several records a llama.cpp batch, logits of the scored
+    rows only) gives each record the rows all_logits gives it alone, a record longer than a batch included, and
+    the same bits twice (so the finetuned variant scores exactly as its reference)."""
+    from alpaca_lora_cpu.llama import all_logits, open_llama, sequence_logits, tokenize
+
+    texts = ["Hello, world. " * k for k in (1, 3, 2, 9, 1, 4)]
+    with open_llama(tiny_gguf, threads=2, n_ctx=256, n_batch=32, logits_all=True) as llm:
+        seqs = [(ids, min(k, len(ids) - 1)) for k, ids in enumerate(tokenize(llm, t) for t in texts)]
+        assert max(len(ids) for ids, _ in seqs) > 32  # one runs alone, in chunks
+        alone = [all_logits(llm, ids)[start:-1] for ids, start in seqs]
+        packed = list(sequence_logits(llm, seqs))
+        again = list(sequence_logits(llm, seqs))
+    assert [p.shape for p in packed] == [a.shape for a in alone]
+    for p, a, b in zip(packed, alone, again, strict=True):
+        np.testing.assert_allclose(p, a, atol=2e-3, rtol=1e-3)
+        assert np.array_equal(p, b)

@@ -352,10 +352,11 @@ class SpeedParams:
 class EvaluateParams:
     threads: int         # CPU threads for every llama.cpp and transformers measurement
     max_new_tokens: int  # greedy generation limit
+    parallel: int        # answers decoded together (llama.cpp sequences of one batch)
     speed: SpeedParams
 
     def __post_init__(self) -> None:
-        check_min("evaluate", self, 1, "threads", "max_new_tokens")
+        check_min("evaluate", self, 1, "threads", "max_new_tokens", "parallel")
 
 
 @dataclass(frozen=True)

@@ -205,6 +205,18 @@ def _tg_seconds(s: Shape, tokens: int, kind: str, r: dict) -> float:
     return tokens * s.size(kind) / (r["bandwidth_bytes_per_s"] * LLAMA_TG)
 
 
+def _answers_seconds(s: Shape, tokens: int, parallel: int, kind: str, pp_kind: str, r: dict) -> float:
+    """Greedy answers decoded `parallel` at a time (llama.generate_many): each step reads the weights once for
+    all of them (bandwidth) and computes every answer's token (at the prompt-processing rate, an upper bound on a
+    small batch's)."""
+    return _tg_seconds(s, tokens / parallel, kind, r) + _pp_seconds(s, tokens, pp_kind, r)
+
+
+def _kv_bytes_per_token(s: Shape) -> float:
+    """llama.cpp's f16 K and V cache, every layer."""
+    return 2 * 2 * s.layers * s.kv_heads * s.head_dim
+
+
 def _quantize_seconds(s: Shape, kind: str, r: dict) -> float:
     slow = next((v for k, v in QUANT_SLOW.items() if k in kind), 1.0)
     return s.params * slow / r.get("quantize_q4_0_params_per_s", 1e8) + s.size("f16") / DISK
@@ -340,16 +352,18 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
                        r["bandwidth_bytes_per_s"] if fits_hf_speed(s) else 0.0),
                     OVERHEAD + 8 * w.scored_tokens * p.reference.top_k + (hf if fits_hf_speed(s) else 0.0),
                     s.size(ref), hint="reference.max_records, reference.max_response_tokens"))
-    speed = p.evaluate.speed
+    speed, parallel = p.evaluate.speed, p.evaluate.parallel
+    kv = parallel * (w.record_tokens + p.evaluate.max_new_tokens) * _kv_bytes_per_token(s)
     for name in ["base", "finetuned", *variants]:
         kind = ref if name in ("base", "finetuned") else _level(name)
+        pp_kind = kind if kind in ("q4_0", "q8_0", "f16") else "q4_0"
         pp = w.scored_tokens + (speed.runs + 1) * speed.prompt_tokens
-        tg = w.generated_tokens + (speed.runs + 1) * speed.gen_tokens
-        out.append(Cost(f"evaluate@{name}", _pp_seconds(s, pp, kind if kind in ("q4_0", "q8_0", "f16") else "q4_0", r)
-                        + _tg_seconds(s, tg, kind, r) + s.size(kind) / DISK,
+        tg = (speed.runs + 1) * speed.gen_tokens
+        out.append(Cost(f"evaluate@{name}", _pp_seconds(s, pp, pp_kind, r) + _tg_seconds(s, tg, kind, r)
+                        + _answers_seconds(s, w.generated_tokens, parallel, kind, pp_kind, r) + s.size(kind) / DISK,
                         OVERHEAD + LLAMA_OVERHEAD + 2048 * s.vocab + 8 * w.scored_tokens * p.reference.top_k
-                        + (s.size(kind) if kind in REPACKED else 0.0),
-                        s.size(kind), hint="reference.ifeval_prompts, reference.generate_records, "
+                        + (s.size(kind) if kind in REPACKED else 0.0) + kv,
+                        s.size(kind), hint="evaluate.parallel, reference.ifeval_prompts, reference.generate_records, "
                         "evaluate.max_new_tokens, quantize.types"))
     out.append(Cost("report", 10.0, OVERHEAD))
     return [replace(c, seconds=c.seconds + STARTUP) for c in out]

@@ -16,7 +16,7 @@ import os
 import resource
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,170 @@ def generate(llm: Any, prompt: str, max_new_tokens: int) -> Generation:
                                 repeat_penalty=1.0, top_k=1, seed=0)
     choice = out["choices"][0]
     return Generation(choice["text"], int(out["usage"]["completion_tokens"]), choice["finish_reason"] == "stop")
+
+
+def generate_many(llm: Any, prompts: list[tuple[str, int]], parallel: int,
+                  on_done: Callable[[], object] | None = None) -> list[Generation]:
+    """`generate` for each (prompt, max_new_tokens), `parallel` answers decoded together: one llama.cpp batch of one
+    token per live answer a step, a finished answer's slot refilled with the next prompt. On a CPU a decode step
+    reads every weight once whatever the batch, so the answers share that cost: 2.6× the throughput of one at a
+    time at 16 (135M q4_0, 2-core Xeon), more where generation is bandwidth-bound (large models). Each answer is
+    the one `generate` gives, token for token (tests/test_evaluate.py): its own sequence in a non-unified KV cache,
+    and the context built from the same parameters as `llm`'s. `on_done()` is called as each answer ends."""
+    toks = [tokenize(llm, p) for p, _ in prompts]
+    if not toks:
+        return []
+    per_seq = -(-max(len(t) + m for t, (_, m) in zip(toks, prompts, strict=True)) // 256) * 256
+    with _Decoder(llm, min(parallel, len(toks)), per_seq, on_done or (lambda: None)) as dec:
+        done = dec.run(toks, [m for _, m in prompts])
+    return [Generation(llm.detokenize(c, prev_tokens=t).decode("utf-8", errors="ignore"), len(c), eos)
+            for t, (c, eos) in zip(toks, done, strict=True)]
+
+
+def sequence_logits(llm: Any, seqs: list[tuple[list[int], int]], max_seqs: int = 32) -> Iterator[np.ndarray]:
+    """For each (ids, start), in order, the logits rows that predict ids[start + 1:] (row j predicts
+    ids[start + 1 + j]): what `all_logits(llm, ids)[start:-1]` gives, without the rest. Several sequences share
+    each llama.cpp batch (up to `llm`'s n_batch tokens), and only the wanted rows reach the LM head and Python: a
+    ~120-token record alone left most of a 512-token batch's matmul unused, and the prompt rows' logits were
+    computed and copied for nothing. The same packing for the same `seqs`, so reference and evaluate@finetuned
+    give the same numbers (tests/test_evaluate.py). A sequence longer than a batch runs alone, in chunks."""
+    n_batch = int(llm.context_params.n_batch)
+    longest = max((len(ids) for ids, _ in seqs), default=1)
+    with _Decoder(llm, max_seqs, -(-max(longest, n_batch) // 256) * 256, unified=True) as dec:
+        for group in _packed(seqs, n_batch, max_seqs):
+            if len(group) == 1 and len(group[0][0]) > n_batch:
+                yield _long_logits(dec, *group[0])
+                continue
+            dec.clear()
+            items = [(t, i, k, start <= i < len(ids) - 1) for k, (ids, start) in enumerate(group)
+                     for i, t in enumerate(ids)]
+            dec.decode(items)
+            out, row = dec.rows(sum(w for *_, w in items)), 0
+            for ids, start in group:
+                n = max(len(ids) - 1 - start, 0)
+                yield out[row:row + n]
+                row += n
+
+
+def _packed(seqs: list[tuple[list[int], int]], n_batch: int, max_seqs: int) -> Iterator[list]:
+    """Consecutive runs of `seqs` of at most n_batch tokens and max_seqs sequences (a longer one alone)."""
+    group: list = []
+    for ids, start in seqs:
+        if group and (sum(len(g) for g, _ in group) + len(ids) > n_batch or len(group) == max_seqs):
+            yield group
+            group = []
+        group.append((ids, start))
+    if group:
+        yield group
+
+
+def _long_logits(dec: _Decoder, ids: list[int], start: int) -> np.ndarray:
+    dec.clear()
+    parts = []
+    for s in range(0, len(ids), dec.n_batch):
+        items = [(t, s + i, 0, start <= s + i < len(ids) - 1) for i, t in enumerate(ids[s:s + dec.n_batch])]
+        dec.decode(items)
+        parts.append(dec.rows(sum(w for *_, w in items)))
+    return np.concatenate(parts)
+
+
+class _Decoder:
+    """Greedy decoding of many sequences in one llama.cpp context (`generate_many`'s state)."""
+
+    def __init__(self, llm: Any, slots: int, per_seq: int, on_done: Callable[[], object] = lambda: None,
+                 unified: bool = False) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self.lib, self.llm, self.slots, self.on_done = llama_cpp, llm, slots, on_done
+        params = type(llm.context_params).from_buffer_copy(llm.context_params)  # same attention, threads, types
+        # unified: one KV buffer of per_seq cells that the sequences share (scoring: cleared every batch);
+        # otherwise each sequence its own per_seq cells (answers: each grows on its own)
+        params.n_ctx, params.n_seq_max, params.kv_unified = per_seq * (1 if unified else slots), slots, unified
+        self.n_batch = int(params.n_batch)
+        with captured_stderr() as log:
+            try:
+                self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+            except (ValueError, RuntimeError) as exc:
+                raise StageError(f"llama.cpp cannot make a context of {slots} × {per_seq} tokens: "
+                                 f"{next(iter(log[-1:]), exc)}") from exc
+        self.batch = llama_cpp.llama_batch_init(max(self.n_batch, slots), 0, 1)
+        self.n_vocab = llm.n_vocab()
+
+    def __enter__(self) -> _Decoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.ctx.close()
+
+    def decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants logits) items."""
+        b = self.batch
+        for j, (tok, pos, seq, out) in enumerate(items):
+            b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, pos, 1, out
+            b.seq_id[j][0] = seq
+        b.n_tokens = len(items)
+        rc = self.lib.llama_decode(self.ctx.ctx, b)
+        if rc != 0:
+            raise StageError(f"llama.cpp decode failed (code {rc}) on a batch of {len(items)} tokens")
+
+    def argmax(self, j: int) -> int:
+        """The greedy next token from output row j of the last decode."""
+        return int(np.argmax(np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx.ctx, j),
+                                                   shape=(self.n_vocab,))))
+
+    def rows(self, n: int) -> np.ndarray:
+        """A copy of the last decode's n output rows (the tokens it asked logits of, in batch order)."""
+        if n == 0:
+            return np.zeros((0, self.n_vocab), dtype=np.float32)
+        return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx.ctx), shape=(n, self.n_vocab)).copy()
+
+    def clear(self) -> None:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx.ctx), True)
+
+    def prefill(self, seq: int, ids: list[int]) -> int:
+        """Clear sequence `seq`, decode `ids` into it; the first answer token."""
+        self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(self.ctx.ctx), seq, -1, -1)
+        for s in range(0, len(ids), self.n_batch):
+            chunk = ids[s:s + self.n_batch]
+            self.decode([(t, s + i, seq, s + i == len(ids) - 1) for i, t in enumerate(chunk)])
+        return self.argmax(len(chunk) - 1)
+
+    def run(self, toks: list[list[int]], limits: list[int]) -> list[tuple[list[int], bool]]:
+        """(answer tokens, ended with EOS before the limit) per prompt, in prompt order."""
+        done: list = [None] * len(toks)
+        queue = list(range(len(toks)))
+        live: dict[int, list] = {}  # slot → [prompt index, position, answer tokens, next token]
+        while queue or live:
+            for seq in range(self.slots):
+                while seq not in live and queue:
+                    k = queue.pop(0)
+                    live[seq] = [k, len(toks[k]), [], self.prefill(seq, toks[k])]
+                    self._advance(live, seq, limits, done)
+            if not live:
+                break
+            order = sorted(live)
+            self.decode([(live[s][3], live[s][1] - 1, s, True) for s in order])
+            for j, seq in enumerate(order):
+                live[seq][3] = self.argmax(j)
+                self._advance(live, seq, limits, done)
+        return done
+
+    def _advance(self, live: dict[int, list], seq: int, limits: list[int], done: list) -> None:
+        """Takes slot `seq`'s next token as create_completion does: EOS/EOG ends the answer (stopped), otherwise
+        it joins the answer, which ends at its limit; a live answer's token is decoded in the next step."""
+        k, pos, answer, nxt = live[seq]
+        if self.lib.llama_vocab_is_eog(self.llm._model.vocab, nxt):
+            done[k] = (answer, True)
+        else:
+            answer.append(nxt)
+            live[seq][1] = pos + 1
+            if len(answer) < limits[k]:
+                return
+            done[k] = (answer, False)
+        del live[seq]
+        self.on_done()
 
 
 def filler_tokens(llm: Any, n: int) -> list[int]:
