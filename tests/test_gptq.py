@@ -309,3 +309,22 @@ def test_a_recipe_asks_gptq_per_tensor_group_and_the_search_scores_the_same_byte
         run(plan_for("emb", emb), PromptParams("alpaca"), f16, tmp_path / "no.gguf", tmp_path / "n.Modelfile",
             imatrix=imatrix, hessians=wide_hessians, gptq_options=GptqParams(0.01, True, head=False))
     assert not (tmp_path / "no.gguf").exists()
+
+
+def test_iq4_nl_codes_by_table_are_bucketize_s(monkeypatch):
+    """codes' lookup table over floor(2x) (large inputs) picks the nearest IQ4_NL level exactly as bucketize
+    over the midpoints does: random values, every midpoint exactly (ties go up), values just either side of
+    them, and values far outside the levels' range."""
+    fmt = gptq.FORMATS["iq4_nl"]
+    v = torch.tensor(fmt.values, dtype=torch.float32)
+    mids = (v[1:] + v[:-1]) / 2
+    n = gptq.TABLE_MIN
+    x = torch.cat([torch.randn(n) * 80, mids, torch.nextafter(mids, mids - 1),
+                   torch.nextafter(mids, mids + 1), torch.tensor([-1e30, -200.0, 200.0, 1e30, 0.0, -0.0])])
+    assert x.numel() >= n
+    table = gptq.codes(x, fmt)
+    monkeypatch.setattr(gptq, "TABLE_MIN", x.numel() + 1)
+    plain = gptq.codes(x, fmt)
+    assert torch.equal(table, plain)
+    assert torch.equal(plain, torch.bucketize(x, mids, right=True))
+    assert torch.equal(v[table[n:n + len(mids)]], v[1:])  # a tie takes the upper level

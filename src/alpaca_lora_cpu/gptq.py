@@ -51,6 +51,7 @@ class BlockFormat:
 FORMATS = {"q4_0": BlockFormat("Q4_0", tuple(range(-8, 8)), (-8.0, 7.0)),
            "q5_0": BlockFormat("Q5_0", tuple(range(-16, 16)), (-16.0, 15.0)),
            "iq4_nl": BlockFormat("IQ4_NL", IQ4_NL_VALUES, (-127.0, 113.0))}
+TABLE_MIN = 65536  # codes: elements from which a lookup table beats bucketize (measured, 2-core Xeon)
 SEARCH = (0.70, 1.10, 21)  # multipliers s of each anchor's scale tried: linspace(start, stop, count)
 
 
@@ -63,7 +64,18 @@ def codes(x: Any, fmt: BlockFormat) -> Any:
     if fmt.uniform:
         return torch.clamp(torch.floor(x + (0.5 - fmt.values[0])), 0, len(fmt.values) - 1).to(torch.long)
     v = torch.tensor(fmt.values, dtype=torch.float32)
-    return torch.bucketize(x.contiguous(), (v[1:] + v[:-1]) / 2, right=True)
+    mids = (v[1:] + v[:-1]) / 2
+    if x.numel() < TABLE_MIN:
+        return torch.bucketize(x.contiguous(), mids, right=True)
+    # The levels are integers, so every midpoint is a multiple of 1/2, and "midpoints ≤ x" depends on x only
+    # through floor(2x) (exact in fp32): a table over that grid gives bucketize(x, midpoints, right=True) in a
+    # few elementwise passes. bucketize's binary search was most of the scale search's time (block_scales: rows
+    # × 42 candidates × 32 at once): an IQ4_NL GPTQ of a 576 × 1536 weight 0.77 → 0.60 s, the same codes (2-core
+    # Xeon). One column's codes stay with bucketize, one call being cheaper there. tests/test_gptq.py checks
+    # the two agree, ties and out-of-range values included.
+    lo, hi = 2 * fmt.values[0] - 2, 2 * fmt.values[-1] + 2
+    table = torch.bucketize(torch.arange(lo, hi + 1, dtype=torch.float32) / 2, mids, right=True)
+    return table[(torch.floor(2 * x).clamp(lo, hi) - lo).to(torch.long)]
 
 
 def _inverse(d: Any) -> Any:
