@@ -142,8 +142,10 @@ def generate_many(llm: Any, prompts: list[tuple[str, int]], parallel: int,
     token per live answer a step, a finished answer's slot refilled with the next prompt. On a CPU a decode step
     reads every weight once whatever the batch, so the answers share that cost: 2.6× the throughput of one at a
     time at 16 (135M q4_0, 2-core Xeon), more where generation is bandwidth-bound (large models). Each answer is
-    the one `generate` gives, token for token (tests/test_evaluate.py): its own sequence in a non-unified KV cache,
-    and the context built from the same parameters as `llm`'s. `on_done()` is called as each answer ends."""
+    its own sequence in a non-unified KV cache, in a context built from the same parameters as `llm`'s, so it is
+    the one `generate` gives, token for token, wherever llama.cpp rounds a batch of rows as it rounds one row
+    (tests/test_evaluate.py; measured for q8_0 and the q4_0 files). Some types' batch kernels round otherwise,
+    and then some answers part after a near-tie (docs/stages.md). `on_done()` is called as each answer ends."""
     toks = [tokenize(llm, p) for p, _ in prompts]
     if not toks:
         return []
@@ -193,12 +195,7 @@ def _packed(seqs: list[tuple[list[int], int]], n_batch: int, max_seqs: int) -> I
 
 def _long_logits(dec: _Decoder, ids: list[int], start: int) -> np.ndarray:
     dec.clear()
-    parts = []
-    for s in range(0, len(ids), dec.n_batch):
-        items = [(t, s + i, 0, start <= s + i < len(ids) - 1) for i, t in enumerate(ids[s:s + dec.n_batch])]
-        dec.decode(items)
-        parts.append(dec.rows(sum(w for *_, w in items)))
-    return np.concatenate(parts)
+    return np.concatenate([dec.rows(n) for n in dec.chunks(0, ids, lambda pos: start <= pos < len(ids) - 1)])
 
 
 class _Decoder:
@@ -259,10 +256,17 @@ class _Decoder:
     def prefill(self, seq: int, ids: list[int]) -> int:
         """Clear sequence `seq`, decode `ids` into it; the first answer token."""
         self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(self.ctx.ctx), seq, -1, -1)
+        for _ in self.chunks(seq, ids, lambda pos: pos == len(ids) - 1):
+            pass
+        return self.argmax((len(ids) - 1) % self.n_batch)  # the last token's place in the last chunk
+
+    def chunks(self, seq: int, ids: list[int], wants: Callable[[int], bool]) -> Iterator[int]:
+        """Decode `ids` into sequence `seq` from position 0, n_batch tokens a decode, with logits at the positions
+        `wants`; after each decode, yields how many logits rows it made (read them before the next)."""
         for s in range(0, len(ids), self.n_batch):
-            chunk = ids[s:s + self.n_batch]
-            self.decode([(t, s + i, seq, s + i == len(ids) - 1) for i, t in enumerate(chunk)])
-        return self.argmax(len(chunk) - 1)
+            items = [(t, s + i, seq, wants(s + i)) for i, t in enumerate(ids[s:s + self.n_batch])]
+            self.decode(items)
+            yield sum(w for *_, w in items)
 
     def run(self, toks: list[list[int]], limits: list[int]) -> list[tuple[list[int], bool]]:
         """(answer tokens, ended with EOS before the limit) per prompt, in prompt order."""
