@@ -3,8 +3,8 @@
 Run (dvc.yaml runs one `quantize@<type>` per entry of `quantize.types`, each cached on its own):
     python -m stages.quantize --params params.yaml --type q4_k_m --src models/gguf/finetuned-reference.gguf \
         --imatrix models/imatrix/imatrix.gguf --searched models/search/recipe.json --merged models/merged \
-        --data data/prepared --hessians models/imatrix/hessians --out models/gguf/finetuned-q4_k_m.gguf \
-        --modelfile models/gguf/finetuned-q4_k_m.Modelfile \
+        --data data/prepared --hessians models/imatrix/hessians --gptq-blocks models/search/gptq-blocks \
+        --out models/gguf/finetuned-q4_k_m.gguf --modelfile models/gguf/finetuned-q4_k_m.Modelfile \
         --metrics reports/metrics/quantize/q4_k_m.json
 
 A `<level>-ar` entry (q4_0-ar) is the level's llama.cpp file with each tensor rounded by AutoRound instead
@@ -13,7 +13,9 @@ A `<level>-ar` entry (q4_0-ar) is the level's llama.cpp file with each tensor ro
 (q4_0-gptq, q5_0-gptq, iq4_nl-gptq) is the same with each Q4_0 / Q5_0 / IQ4_NL tensor rounded by GPTQ over the
 imatrix stage's input covariances (`--hessians`, alpaca_lora_cpu/gptq.py, quantize.gptq); its details record each
 tensor's proxy error tr(ΔW H ΔWᵀ) beside llama.cpp's plain and imatrix rounding of the same level. A
-`<recipe>-gptq` entry (searched-gptq) does the same to the recipe's own file.
+`<recipe>-gptq` entry (searched-gptq) does the same to the recipe's own file. A tensor the search stage already
+rounded from the same weights, covariance and options (`--gptq-blocks`, gptq.RoundedBlocks) takes its blocks
+from there: the same bytes, without a second GPTQ pass (the details count them as `reused`).
 
 Quantizes with llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`, default params, the ftype named by
 `--type`), then reads the result back with the `gguf` package: file size, bits per weight, seconds, the stored
@@ -158,24 +160,27 @@ def quantize_autoround(src: Path, dst: Path, plan: Plan, job: AutoRoundJob) -> t
 
 
 def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessians: Path | None,
-                  options: GptqParams, joint_refit: bool = False) -> tuple[float, list[str], dict]:
+                  options: GptqParams, joint_refit: bool = False, blocks: Path | None = None
+                  ) -> tuple[float, list[str], dict]:
     """llama.cpp's file of the plan's level (plain) or recipe (as the recipe says) is the layout; GPTQ then rounds
     each of its Q4_0 / Q5_0 / IQ4_NL tensors over the input covariances. The proxy errors are compared with the
     layout's and with llama.cpp's imatrix rounding of the same types (for an imatrix recipe: the layout itself).
     A recipe whose types end in -gptq (a searched recipe's iq4_nl-gptq groups) has just those tensors rounded.
     (seconds, llama.cpp's log lines, per-tensor proxy errors and how many fell below each rival.) `joint_refit`
-    (gptq.refit, off in the pipeline) is for make bench-gptq."""
+    (gptq.refit, off in the pipeline) is for make bench-gptq. `blocks`: the search's kept blocks, reused where
+    their inputs match."""
     import dataclasses
     import time
 
     from tqdm import tqdm
 
-    from alpaca_lora_cpu.gptq import Hessians, gptq_tensors, make, rounded_by
+    from alpaca_lora_cpu.gptq import Hessians, RoundedBlocks, gptq_tensors, make, rounded_by
 
     if hessians is None or imatrix is None or not imatrix.is_file():
         raise StageError(f"{plan.name} needs the imatrix stage's --imatrix file and --hessians folder "
                          "(imatrix.covariance: true)")
     h = Hessians(hessians)
+    store = RoundedBlocks(blocks) if blocks is not None and blocks.is_dir() else None
     only = rounded_by(None if plan.gptq else (lambda name: recipe_gptq(plan, name)), options.head)
     base = dataclasses.replace(plan, gptq=False)
     layout, rival = (dst.with_name(dst.name + suffix) for suffix in (".llama-cpp.gguf", ".imatrix.gguf"))
@@ -191,8 +196,11 @@ def quantize_gptq(src: Path, dst: Path, plan: Plan, imatrix: Path | None, hessia
             check_gptq_asked(layout, plan, {t.name for t in chosen})
         with tqdm(total=len(chosen), unit="tensor", desc=f"GPTQ {plan.name}") as bar:
             details = make(layout, src, h, options.damp, dst, compare=rival, progress=lambda _: bar.update(),
-                           act_order=options.act_order, joint_refit=joint_refit, only=only)
+                           act_order=options.act_order, joint_refit=joint_refit, only=only, store=store)
         gptq_seconds = time.perf_counter() - t0
+        if store is not None:
+            log.info("%s: %d of %d tensors' GPTQ blocks reused from %s", plan.name, details["reused"],
+                     details["tensors"], blocks)
     finally:
         layout.unlink(missing_ok=True)
         rival.unlink(missing_ok=True)
@@ -219,7 +227,8 @@ def check_gptq_asked(layout: Path, plan: Plan, rounded: set[str]) -> None:
 
 def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: Path,
         extra_stops: tuple[str, ...] = (), imatrix: Path | None = None, job: AutoRoundJob | None = None,
-        hessians: Path | None = None, gptq_options: GptqParams | None = None) -> dict:
+        hessians: Path | None = None, gptq_options: GptqParams | None = None, gptq_blocks: Path | None = None
+        ) -> dict:
     from alpaca_lora_cpu.gguf_files import (
         bits_per_weight,
         chat_template,
@@ -240,7 +249,8 @@ def run(plan: Plan, prompt: PromptParams, src: Path, out: Path, modelfile_out: P
         if plan.rounds_gptq:
             if gptq_options is None:
                 raise StageError(f"{plan.name}: a -gptq level needs quantize.gptq")
-            seconds, lines, gptq = quantize_gptq(src, tmp, plan, imatrix, hessians, gptq_options)
+            seconds, lines, gptq = quantize_gptq(src, tmp, plan, imatrix, hessians, gptq_options,
+                                                 blocks=gptq_blocks)
         elif plan.autoround:
             if job is None:
                 raise StageError(f"{plan.name}: an -ar level needs the merged model and calibration rows")
@@ -280,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--merged", type=Path, help="the merged checkpoint, for the -ar levels (AutoRound)")
     ap.add_argument("--data", type=Path, help="the prepared data (imatrix.source's calibration text), for -ar levels")
     ap.add_argument("--hessians", type=Path, help="the imatrix stage's input covariances, for the -gptq levels")
+    ap.add_argument("--gptq-blocks", type=Path, help="the search's kept GPTQ blocks, reused by the -gptq levels")
     args = parse_args(ap, argv)
     params = load_params(args.params)
     prompt = params.prompt
@@ -300,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                                 "prompt": as_dict(prompt), "generate": {"stop": list(params.generate.stop)}},
                    run_name=f"quantize@{args.type}") as mlflow:
         metrics = run(plan, prompt, args.src, args.out, args.modelfile, params.generate.stop, args.imatrix, job,
-                      args.hessians, params.quantize.gptq)
+                      args.hessians, params.quantize.gptq, args.gptq_blocks)
         write_stage_metrics(mlflow, args.metrics, metrics, METRICS)
     log.info("%s: %.1f MiB, %.2f bits/weight, %.1f s → %s", args.type, metrics["file_mib"],
              metrics["bits_per_weight"], metrics["quantize_seconds"], args.out)

@@ -3,7 +3,7 @@
 Run: python -m stages.search --params params.yaml --src models/gguf/finetuned-reference.gguf \
          --imatrix models/imatrix/imatrix.gguf --hessians models/imatrix/hessians --data data/prepared \
          --out models/search/recipe.json --candidates reports/search/candidates.csv \
-         --metrics reports/metrics/search.json
+         --metrics reports/metrics/search.json --gptq-blocks models/search/gptq-blocks
 
 1. Calibration: `search.calibration_tokens` tokens of the train split (never the val split the report
    evaluates on), each record prompt + response + EOS. The reference GGUF's next-token distributions on them
@@ -15,8 +15,10 @@ Run: python -m stages.search --params params.yaml --src models/gguf/finetuned-re
    bytes llama.cpp writes for that recipe), so the quantizing grows with the number of types, not candidates.
    A `<fmt>-gptq` type (iq4_nl-gptq, q5_0-gptq, q4_0-gptq) is that type's file with every decoder linear
    rounded by GPTQ over the imatrix stage's covariances (`--hessians`, quantize.gptq): one GPTQ pass per type,
-   offered to the groups that have covariances (not token_embd). GPTQ rounds each tensor from its own weights
-   and H alone, so the tensor's bytes are those quantize@searched writes.
+   offered to the groups that have covariances (token_embd only as the tied output, quantize.gptq.head). GPTQ
+   rounds each tensor from its own weights and H alone, so the tensor's bytes are those quantize@searched
+   writes: the blocks are kept (`--gptq-blocks`, gptq.RoundedBlocks) and quantize@searched and
+   quantize@iq4_nl-gptq take them from there instead of rounding the same tensors again.
 3. Knapsack: the KLD increases are taken as additive; a multiple-choice knapsack over the groups' estimated
    sizes picks the assignments with the smallest total within the budget (`search.budget_mib`, default the
    stock q4_0 file's size).
@@ -39,7 +41,7 @@ import numpy as np
 from alpaca_lora_cpu.cli import make_parser, parse_args, run_cli
 from alpaca_lora_cpu.config import GptqParams, PromptParams, SearchParams, as_dict, load_params
 from alpaca_lora_cpu.errors import StageError
-from alpaca_lora_cpu.files import ensure_writable, read_jsonl, write_csv, write_json
+from alpaca_lora_cpu.files import atomic_path, ensure_writable, read_jsonl, write_csv, write_json
 from alpaca_lora_cpu.openers import load_npz
 from alpaca_lora_cpu.variants import tensor_rounding
 
@@ -185,21 +187,25 @@ def _quantize_types(src: str, imatrix: str, work: str, types: dict[str, dict[str
 
 
 def gptq_files(files: dict[str, str], gptq_types: list[str], src: str, hessians: Path, options: GptqParams,
-               work: str) -> dict[str, str]:
+               work: str, blocks: Path | None = None) -> dict[str, str]:
     """One GPTQ pass per -gptq type: its llama.cpp type file with every decoder linear stored in that type
-    rounded by GPTQ (gptq.make, as quantize@searched rounds them); type → file."""
+    rounded by GPTQ (gptq.make, as quantize@searched rounds them); type → file. `blocks`: a folder to keep the
+    rounded blocks in (gptq.RoundedBlocks), which quantize@iq4_nl-gptq and quantize@searched then reuse."""
     from tqdm import tqdm
 
-    from alpaca_lora_cpu.gptq import Hessians, make, rounded_by
+    from alpaca_lora_cpu.gptq import Hessians, RoundedBlocks, make, rounded_by
 
     h = Hessians(hessians)
     only = rounded_by(None, options.head)
+    store = RoundedBlocks(blocks, writable=True) if blocks is not None else None
     out = {}
     for ttype in tqdm(gptq_types, desc="search: GPTQ each -gptq type once", unit="type"):
         dst = Path(work) / f"type-{ttype.lower()}.gguf"
         make(Path(files[tensor_rounding(ttype)[0]]), Path(src), h, options.damp, dst, act_order=options.act_order,
-             only=only)
+             only=only, store=store)
         out[ttype] = str(dst)
+    if store is not None:
+        store.save()
     return out
 
 
@@ -307,9 +313,12 @@ def covered_by(hessians: Path | None, types: tuple[str, ...], head: bool = True)
 
 
 def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, data: Path, mlflow=None,
-        hessians: Path | None = None, gptq: GptqParams | None = None) -> tuple[dict, list[dict], dict]:
-    """(recipe, candidate rows, metrics)."""
+        hessians: Path | None = None, gptq: GptqParams | None = None, blocks: Path | None = None
+        ) -> tuple[dict, list[dict], dict]:
+    """(recipe, candidate rows, metrics). `blocks`: the folder to keep the -gptq types' rounded blocks in (made,
+    with an empty index, even when there is none, so that the stage's output always exists)."""
     from alpaca_lora_cpu.gguf_files import tensor_infos
+    from alpaca_lora_cpu.gptq import RoundedBlocks
     from alpaca_lora_cpu.native import call_in_child
 
     if not imatrix.is_file():
@@ -344,7 +353,9 @@ def run(params: SearchParams, prompt: PromptParams, src: Path, imatrix: Path, da
         if gptq_types:
             if gptq is None:
                 raise StageError("search.types has -gptq types but no quantize.gptq options were given")
-            files |= gptq_files(files, gptq_types, str(src), hessians, gptq, str(work))
+            files |= gptq_files(files, gptq_types, str(src), hessians, gptq, str(work), blocks)
+        elif blocks is not None:
+            RoundedBlocks(blocks, writable=True).save()
         gptq_seconds = time.time() - t0
         rows: list[dict] = []
 
@@ -389,9 +400,11 @@ METRICS = ["winner_kld", "winner_mib", "winner_predicted_kld", "winner_fits_budg
 def main(argv: list[str] | None = None) -> None:
     ap = make_parser(__doc__, "src", "imatrix", "data", "out", "candidates", "metrics")
     ap.add_argument("--hessians", type=Path, help="the imatrix stage's input covariances, for -gptq search.types")
+    ap.add_argument("--gptq-blocks", type=Path, required=True,
+                    help="the folder to keep the -gptq types' rounded blocks in, for the quantize stage to reuse")
     args = parse_args(ap, argv)
     config = load_params(args.params)
-    ensure_writable(args.out, args.candidates, args.metrics)
+    ensure_writable(args.out, args.candidates, args.metrics, args.gptq_blocks)
     from alpaca_lora_cpu.cost import check_mapped
 
     check_mapped("search", args.src, "convert.outtype (q8_0: a smaller reference)")
@@ -399,9 +412,9 @@ def main(argv: list[str] | None = None) -> None:
 
     logged = {"search": as_dict(config.search), "prompt": as_dict(config.prompt),
               "quantize": {"gptq": as_dict(config.quantize.gptq)}}
-    with stage_run("search", logged) as mlflow:
+    with stage_run("search", logged) as mlflow, atomic_path(args.gptq_blocks) as blocks:
         recipe, rows, metrics = run(config.search, config.prompt, args.src, args.imatrix, args.data, mlflow,
-                                    args.hessians, config.quantize.gptq)
+                                    args.hessians, config.quantize.gptq, blocks)
         write_csv(args.candidates, rows, list(rows[0]))
         write_json(args.out, recipe)
         write_stage_metrics(mlflow, args.metrics, metrics, METRICS)

@@ -328,3 +328,100 @@ def test_iq4_nl_codes_by_table_are_bucketize_s(monkeypatch):
     assert torch.equal(table, plain)
     assert torch.equal(plain, torch.bucketize(x, mids, right=True))
     assert torch.equal(v[table[n:n + len(mids)]], v[1:])  # a tie takes the upper level
+
+
+def test_kept_blocks_are_keyed_by_every_input_of_the_rounding_and_a_truncated_one_is_refused(tmp_path):
+    """RoundedBlocks: the key changes with the format, damp, act_order, each weight and the covariance, so a
+    changed input is a miss; a kept file that lost bytes is refused in one line naming it; `save` persists."""
+    from alpaca_lora_cpu.errors import StageError
+
+    w, h = torch.randn(4, 64), covariance(256, 64, 0)
+    key = gptq.RoundedBlocks.key(gptq.FORMATS["q4_0"], 0.01, False, w, gptq.digest(h))
+    w2 = w.clone()
+    w2[3, 63] += 1e-3
+    h2 = h.clone()
+    h2[0, 0] *= 1.0001
+    variants = [gptq.RoundedBlocks.key(gptq.FORMATS["iq4_nl"], 0.01, False, w, gptq.digest(h)),
+                gptq.RoundedBlocks.key(gptq.FORMATS["q4_0"], 0.03, False, w, gptq.digest(h)),
+                gptq.RoundedBlocks.key(gptq.FORMATS["q4_0"], 0.01, True, w, gptq.digest(h)),
+                gptq.RoundedBlocks.key(gptq.FORMATS["q4_0"], 0.01, False, w2, gptq.digest(h)),
+                gptq.RoundedBlocks.key(gptq.FORMATS["q4_0"], 0.01, False, w, gptq.digest(h2))]
+    assert key == gptq.RoundedBlocks.key(gptq.FORMATS["q4_0"], 0.01, False, w.clone(), gptq.digest(h.clone()))
+    assert len({key, *variants}) == 6
+    store = gptq.RoundedBlocks(tmp_path / "blocks", writable=True)
+    store.put(key, "blk.0.attn_q.weight", b"\x01" * 36, 2.5)
+    store.save()
+    again = gptq.RoundedBlocks(tmp_path / "blocks")
+    assert again.get(key, 36) == (b"\x01" * 36, 2.5)
+    assert again.get(key, 72) is None and again.get(variants[0], 36) is None  # another layout / another input
+    (tmp_path / "blocks" / f"{key}.bin").write_bytes(b"\x01" * 20)
+    with pytest.raises(StageError, match=rf"{key}\.bin: 20 bytes, its index says 36"):
+        again.get(key, 36)
+
+
+@pytest.mark.slow
+def test_quantize_reuses_the_searchs_gptq_blocks_byte_for_byte_and_rounds_anew_when_an_option_differs(
+        wide_model, wide_hessians, tmp_path):
+    """The search keeps its -gptq types' blocks (--gptq-blocks); quantize@iq4_nl-gptq takes every tensor's blocks
+    from there instead of a second GPTQ pass and writes the bytes (and proxy errors) that rounding them itself
+    gives. With another damp nothing matches and every tensor is rounded again."""
+    import json
+
+    from alpaca_lora_cpu.config import GptqParams, PromptParams
+    from alpaca_lora_cpu.quantizer import plan_for, quantize_here
+    from stages.quantize import run
+    from stages.search import build_groups, covered_by, gptq_files, plan_of
+
+    hf, f16, imatrix = wide_model
+    options = GptqParams(damp=0.01, act_order=False, head=False)
+    groups, _ = build_groups(check_gguf(f16).tensors, ("iq4_nl", "iq4_nl-gptq"),
+                             covered_by(wide_hessians, ("iq4_nl-gptq",), head=False))
+    type_file, blocks = tmp_path / "type-iq4_nl.gguf", tmp_path / "gptq-blocks"
+    assignment = {g.name: "IQ4_NL" for g in groups}
+    assert quantize_here(str(f16), str(type_file), plan_of("IQ4_NL", assignment), 2, str(imatrix))[0] == 0
+    gptq_files({"IQ4_NL": str(type_file)}, ["IQ4_NL-GPTQ"], str(f16), wide_hessians, options, str(tmp_path), blocks)
+    kept = json.loads((blocks / gptq.BLOCKS_INDEX).read_text())
+    assert sorted(e["tensor"] for e in kept.values()) == sorted(t.name for t in check_gguf(f16).tensors
+                                                               if t.name.startswith("blk.") and t.name.endswith(
+                                                                   ("attn_q.weight", "attn_k.weight", "attn_v.weight",
+                                                                    "attn_output.weight", "ffn_gate.weight",
+                                                                    "ffn_up.weight", "ffn_down.weight")))
+
+    def quantize(name, opts, **kw):
+        return run(plan_for("iq4_nl-gptq", {}), PromptParams("alpaca"), f16, tmp_path / f"{name}.gguf",
+                   tmp_path / f"{name}.Modelfile", imatrix=imatrix, hessians=wide_hessians, gptq_options=opts,
+                   **kw)["gptq_details"]
+
+    own, reused = quantize("own", options), quantize("reused", options, gptq_blocks=blocks)
+    assert own["reused"] == 0 and reused["reused"] == reused["tensors"] == own["tensors"] == 14
+    assert (tmp_path / "reused.gguf").read_bytes() == (tmp_path / "own.gguf").read_bytes()
+    assert reused["proxy_error"] == own["proxy_error"]
+    other = quantize("other", GptqParams(damp=0.03, act_order=False, head=False), gptq_blocks=blocks)
+    assert other["reused"] == 0 and other["tensors"] == 14
+    assert (tmp_path / "other.gguf").read_bytes() != (tmp_path / "own.gguf").read_bytes()
+
+
+def test_make_plan_counts_a_searched_gptq_format_as_reused_and_another_as_a_full_pass():
+    """make plan at the LLaMA-7B shape: quantize@iq4_nl-gptq (iq4_nl-gptq is among search.types, so its blocks
+    are the search's) is predicted without the per-column rounding that quantize@q4_0-gptq (not searched) pays,
+    and reusing nothing when the search rounds no -gptq type."""
+    import dataclasses
+
+    from helpers import ROOT
+
+    from alpaca_lora_cpu.config import load_params
+    from alpaca_lora_cpu.cost import Shape, stage_costs, work
+
+    p = load_params(ROOT / "params.yaml")
+    llama_7b = Shape(32000, 4096, 32, 11008, 32, 32, False)
+
+    def seconds(search_types):
+        q = dataclasses.replace(p, search=dataclasses.replace(p.search, types=search_types),
+                                quantize=dataclasses.replace(p.quantize, types=("q4_0-gptq", "iq4_nl-gptq")))
+        return {c.stage: c.seconds for c in stage_costs(q, llama_7b, work(q))}
+
+    with_blocks, without = seconds(("q4_0", "iq4_nl", "iq4_nl-gptq")), seconds(("q4_0", "iq4_nl"))
+    assert with_blocks["quantize@iq4_nl-gptq"] < 0.5 * with_blocks["quantize@q4_0-gptq"]
+    assert without["quantize@iq4_nl-gptq"] == pytest.approx(without["quantize@q4_0-gptq"], rel=0.2)
+    assert with_blocks["search"] > without["search"] + 0.5 * (without["quantize@iq4_nl-gptq"]
+                                                             - with_blocks["quantize@iq4_nl-gptq"])

@@ -243,20 +243,23 @@ def _covariance_elements(s: Shape) -> int:
     return 3 * s.hidden ** 2 + s.ffn ** 2
 
 
-def _gptq_pass(s: Shape, r: dict) -> tuple[float, float]:
+def _gptq_pass(s: Shape, r: dict, reused: bool = False) -> tuple[float, float]:
     """(seconds, bytes) of one GPTQ pass over every decoder linear and the output matrix (quantize.gptq.head), a
     tensor at a time: the widest input's H in fp64 with its Cholesky factors (4 copies), the weight in fp32 (3;
-    the output matrix, vocab × hidden, is the largest)."""
+    the output matrix, vocab × hidden, is the largest). `reused`: the blocks come from the search's
+    (gptq.RoundedBlocks), so only the proxy errors' matmuls are left, not the per-column rounding."""
     weights = s.layers * s.layer_params + s.vocab * s.hidden
-    seconds = (GPTQ_PER_WEIGHT * weights + 2 * s.layers * (s.hidden * _covariance_elements(s) + s.hidden * s.ffn ** 2)
+    seconds = ((0.0 if reused else GPTQ_PER_WEIGHT * weights)
+               + 2 * s.layers * (s.hidden * _covariance_elements(s) + s.hidden * s.ffn ** 2)
                / (r["fp32_gflops"] * 1e9 * LAYERWISE))
     widest = max(s.hidden, s.ffn)
     return seconds, 32 * widest ** 2 + 12 * max(s.hidden * s.ffn, s.vocab * s.hidden)
 
 
-def _gptq_cost(t: str, s: Shape, r: dict) -> tuple[float, float]:
-    """(seconds, bytes) of a -gptq level: llama.cpp's plain and imatrix files of the level, then the GPTQ pass."""
-    seconds, memory = _gptq_pass(s, r)
+def _gptq_cost(t: str, s: Shape, r: dict, reused: bool = False) -> tuple[float, float]:
+    """(seconds, bytes) of a -gptq level: llama.cpp's plain and imatrix files of the level, then the GPTQ pass
+    (`reused`: from the search's blocks)."""
+    seconds, memory = _gptq_pass(s, r, reused)
     return 2 * _quantize_seconds(s, _level(t), r) + seconds, OVERHEAD + max(QUANT_BUFFERS * s.params, memory)
 
 
@@ -339,9 +342,11 @@ def stage_costs(p: Any, s: Shape, w: Work, r: dict | None = None) -> list[Cost]:
                             * p.quantize.autoround.seqlen * s.hidden, s.size(ref),
                             hint=f"quantize.autoround.nsamples, quantize.types (drop {t})"))
             continue
-        # searched with -gptq search.types: at most a whole GPTQ pass (it rounds just the groups given one)
-        if t.endswith(GPTQ) or (t == SEARCHED and any(x.lower().endswith(GPTQ) for x in p.search.types)):
-            seconds, memory = _gptq_cost(t, s, r)
+        # searched with -gptq search.types: its -gptq groups' blocks are the search's (reused); a <fmt>-gptq
+        # level reuses them when the search rounds that format too
+        searched_gptq = {x.lower() for x in p.search.types if x.lower().endswith(GPTQ)}
+        if t.endswith(GPTQ) or (t == SEARCHED and searched_gptq):
+            seconds, memory = _gptq_cost(t, s, r, reused=t == SEARCHED or t in searched_gptq)
             out.append(Cost(f"quantize@{t}", seconds, memory, s.size(ref), hint=f"quantize.types (drop {t})"))
             continue
         out.append(Cost(f"quantize@{t}", _quantize_seconds(s, kind, r) + 2.0,

@@ -16,8 +16,11 @@ The result is the exact block bytes (`pack`), which `write` puts in place of lla
 file of the same level: same types, size, metadata and every other tensor.
 
 Used by the quantize stage's -gptq levels (over the covariance folder the imatrix stage writes: `Hessians`) and
-tools/bench_gptq.py (make bench-gptq). Cost per weight matrix (rows × cols): one Cholesky of cols × cols,
-rows × cols² flops for the error updates (as one matmul per block), and a Python step per column.
+tools/bench_gptq.py (make bench-gptq). The search stage rounds its -gptq types once and keeps the blocks
+(`RoundedBlocks`, models/search/gptq-blocks); quantize@iq4_nl-gptq and quantize@searched take a tensor's blocks
+from there when everything they are a function of is the same, instead of rounding it a second time.
+Cost per weight matrix (rows × cols): one Cholesky of cols × cols, rows × cols² flops for the error updates
+(as one matmul per block), and a Python step per column.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import numpy as np
 from alpaca_lora_cpu.errors import StageError
 
 BLOCK = 32  # weights per block in Q4_0 and IQ4_NL (QK4_0, QK4_NL)
+BLOCKS_INDEX = "index.json"  # RoundedBlocks' key → tensor, bytes, GPTQ's proxy error
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 
 
@@ -382,27 +386,95 @@ def gptq_tensors(level_file: Path, hessians: Any, only: Callable[[str], bool] | 
             if t.type in types and shared_name(t.name) in hessians and (only is None or only(t.name))]
 
 
+def digest(array: Any, head: str = "") -> str:
+    """SHA-256 of `head` and a tensor's bytes."""
+    import hashlib
+
+    h = hashlib.sha256(head.encode())
+    h.update(array.numpy().tobytes())
+    return h.hexdigest()
+
+
+class RoundedBlocks:
+    """A folder of GPTQ's packed blocks, one file per tensor, each under the SHA-256 of all it is a function of:
+    the format, damp, act_order, the reference weights and the input covariance. A changed input is therefore a
+    miss (the tensor is rounded again), never a stale hit. `writable`: `put` stores, `save` writes the index."""
+
+    def __init__(self, folder: Path, writable: bool = False) -> None:
+        import json
+
+        self.folder, self.writable = Path(folder), writable
+        index = self.folder / BLOCKS_INDEX
+        try:
+            self.entries = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+        except ValueError as exc:
+            raise StageError(f"{index}: not a GPTQ block index ({exc}); rerun the search stage") from None
+
+    @staticmethod
+    def key(fmt: BlockFormat, damp: float, act_order: bool, weight: Any, hessian_digest: str) -> str:
+        """The key of `weight` rounded in `fmt` over the covariance whose `digest` is given."""
+        head = f"{fmt.ggml_type}|{damp!r}|{act_order}|{tuple(weight.shape)}|{hessian_digest}|"
+        return digest(weight, head)
+
+    def get(self, key: str, n_bytes: int) -> tuple[bytes, float] | None:
+        """(blocks, GPTQ's proxy error) kept under `key`, None if absent (or not `n_bytes` long: another layout)."""
+        entry = self.entries.get(key)
+        path = self.folder / f"{key}.bin"
+        if entry is None or entry["bytes"] != n_bytes or not path.is_file():
+            return None
+        data = path.read_bytes()
+        if len(data) != n_bytes:
+            raise StageError(f"{path}: {len(data)} bytes, its index says {n_bytes}; rerun the search stage")
+        return data, float(entry["gptq_error"])
+
+    def put(self, key: str, name: str, data: bytes, error: float) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"{key}.bin").write_bytes(data)
+        self.entries[key] = {"tensor": name, "bytes": len(data), "gptq_error": error}
+
+    def save(self) -> None:
+        from alpaca_lora_cpu.files import write_json
+
+        write_json(self.folder / BLOCKS_INDEX, self.entries)
+
+
 def make(level_file: Path, reference: Path, hessians: dict[str, Any], damp: float, out: Path,
          compare: Path | None = None, progress: Callable[[str], None] | None = None, joint_refit: bool = False,
-         act_order: bool = False, only: Callable[[str], bool] | None = None) -> dict:
+         act_order: bool = False, only: Callable[[str], bool] | None = None,
+         store: RoundedBlocks | None = None) -> dict:
     """The GPTQ file at `out`: every tensor that llama.cpp's `level_file` (a level's or a recipe's) stores in one
     of FORMATS and that has an input covariance, rounded by GPTQ in its own format from the reference GGUF's
     weights; the rest kept. Details: per tensor, the proxy error of GPTQ, of llama.cpp's rounding in
-    `level_file`, and of `compare` (e.g. the imatrix file). `only`: round just the tensors whose name it accepts."""
+    `level_file`, and of `compare` (e.g. the imatrix file). `only`: round just the tensors whose name it accepts.
+    `store`: take a tensor's blocks from it when kept there under the same inputs, and (writable) keep the rest."""
     import torch
 
     by_type = {f.ggml_type: f for f in FORMATS.values()}
-    blocks, per_tensor, types = {}, {}, {}
+    blocks, per_tensor, types, h_digests = {}, {}, {}, {}
+    reused = 0
     for t in gptq_tensors(level_file, hessians, only):
         fmt = by_type[t.type]
         types[t.type] = types.get(t.type, 0) + 1
         w = torch.from_numpy(tensor_array(reference, t.name))
         h = hessians[shared_name(t.name)]
-        scales, q = gptq(w, h, fmt, damp, act_order=act_order)
-        if joint_refit:
-            scales = refit(w, h, scales, q, fmt)
-        blocks[t.name] = pack(scales, q, fmt)
-        errs = {"gptq": float(proxy_error(w, dequantize(scales, q, fmt), h).sum()),
+        key = None
+        if store is not None and not joint_refit:  # the joint refit is a bench-only variant: never kept
+            if shared_name(t.name) not in h_digests:  # q / k / v share one H: hash it once
+                h_digests[shared_name(t.name)] = digest(h)
+            key = RoundedBlocks.key(fmt, damp, act_order, w, h_digests[shared_name(t.name)])
+        kept = store.get(key, t.n_bytes) if key else None
+        if kept:
+            blocks[t.name], gptq_error = kept
+            reused += 1
+        else:
+            scales, q = gptq(w, h, fmt, damp, act_order=act_order)
+            if joint_refit:
+                scales = refit(w, h, scales, q, fmt)
+            blocks[t.name] = pack(scales, q, fmt)
+            gptq_error = float(proxy_error(w, dequantize(scales, q, fmt), h).sum())
+            if key and store.writable:
+                store.put(key, t.name, blocks[t.name], gptq_error)
+        errs = {"gptq": gptq_error,
                 "llama_cpp": float(proxy_error(w, torch.from_numpy(tensor_array(level_file, t.name)), h).sum())}
         if compare is not None:
             errs["compare"] = float(proxy_error(w, torch.from_numpy(tensor_array(compare, t.name)), h).sum())
@@ -413,4 +485,4 @@ def make(level_file: Path, reference: Path, hessians: dict[str, Any], damp: floa
         raise StageError(f"{level_file}: no {'/'.join(by_type)} tensor with an input covariance to round")
     write(level_file, blocks, out)
     return {"tensors": len(blocks), "types": types, "damp": damp, "joint_refit": joint_refit,
-            "act_order": act_order, "proxy_error": per_tensor}
+            "act_order": act_order, "reused": reused, "proxy_error": per_tensor}
