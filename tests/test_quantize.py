@@ -85,6 +85,8 @@ def test_each_type_is_its_own_dvc_stage(repo_copy, tiny_gguf):
     (repo_copy / "models/imatrix/hessians/hessians.json").write_text("{}")
     (repo_copy / "models/search").mkdir(parents=True)
     (repo_copy / "models/search/recipe.json").write_text("{}")
+    (repo_copy / "models/search/gptq-blocks").mkdir()  # the search's kept GPTQ blocks: none here
+    (repo_copy / "models/search/gptq-blocks/index.json").write_text("{}")
     # ...and the -ar levels' inputs (the merged checkpoint and the calibration text), which plain types never read
     (repo_copy / "models/merged").mkdir(parents=True)
     (repo_copy / "models/merged/config.json").write_text("{}")
